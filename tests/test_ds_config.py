@@ -1,0 +1,38 @@
+"""DeepSpeed config resolution: the shipped configs, 'auto' values, and configs that ask for the impossible."""
+import json
+
+import pytest
+
+from tests.conftest import ROOT
+from train.engine import load_ds_config
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
+def test_shipped_configs_resolve(name):
+    cfg = load_ds_config(ROOT / f"ds_configs/{name}.json", micro_batch=8, world=4, grad_clip=1.0, precision="fp32")
+    assert cfg["train_batch_size"] == 32 and cfg["train_micro_batch_size_per_gpu"] == 8
+    assert cfg["gradient_accumulation_steps"] == 1
+    assert cfg["gradient_clipping"] == 1.0 and cfg["bf16"] == {"enabled": False}
+    assert "auto" not in json.dumps(cfg)
+
+
+def test_precision_flag_sets_bf16():
+    cfg = load_ds_config(ROOT / "ds_configs/zero2.json", 8, 1, 0.5, precision="bf16")
+    assert cfg["bf16"] == {"enabled": True} and cfg["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"gradient_accumulation_steps": 4}', "gradient_accumulation_steps must be 1"),
+    ('{"optimizer": {"type": "AdamW"}}', "remove the 'optimizer' section"),
+    ('{"zero_optimization": {"stage": 2},\n  oops}', r"bad.json:2: malformed JSON"),
+])
+def test_impossible_configs_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        load_ds_config(path, 8, 1, 1.0)
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(SystemExit, match="no such file"):
+        load_ds_config(tmp_path / "none.json", 8, 1, 1.0)

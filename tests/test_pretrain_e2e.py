@@ -1,0 +1,74 @@
+"""`deepspeed --num_gpus 2 train/pretrain.py` on a tiny model and real demo data, end to end."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from tests.conftest import ROOT, deepspeed_launch
+
+PRETRAIN = ROOT / "train/pretrain.py"
+QUESTIONS = ROOT / "data/demo/pretrain/question_pairs.jsonl"
+
+
+def with_negatives(tmp_path: Path, n: int = 40) -> Path:
+    """Question pairs where another pair's paraphrase is the hard negative (real text, a real 'neg')."""
+    rows = [json.loads(line) for line in open(QUESTIONS, encoding="utf-8")][:n]
+    path = tmp_path / "with_neg.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({**row, "neg": [rows[(i + 1) % n]["pos"][0]]}, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("stage, negatives", [(2, 0), (3, 1)])
+def test_two_rank_pretrain_exports_what_the_engine_trained(tiny_model, tmp_path, stage, negatives):
+    out = tmp_path / "run"
+    data = [str(with_negatives(tmp_path))] if negatives else [str(p) for p in (ROOT / "data/demo/pretrain").glob("*.jsonl")]
+    proc = deepspeed_launch(PRETRAIN, "--model", str(tiny_model), "--train-data", *data,
+                            "--output-dir", str(out), "--deepspeed-config", f"ds_configs/zero{stage}.json",
+                            "--batch-size", "4", "--max-steps", "6", "--save-steps", "3", "--log-steps", "2",
+                            "--num-negatives", str(negatives), "--lr", "1e-3",
+                            "--query-prompt", "query: ", "--passage-prompt", "passage: ")
+    assert "export check: reloaded model matches the engine" in proc.stdout
+
+    # the released folder loads with plain sentence-transformers and encodes as the engine did
+    check = torch.load(out / "export_check.pt")
+    model = SentenceTransformer(str(out / "final"), device="cpu")
+    got = model.encode(check["texts"], prompt_name="query", convert_to_tensor=True)
+    assert (got - check["embeddings"]).abs().max().item() < 1e-5
+    assert model.prompts["query"] == "query: " and model.prompts["passage"] == "passage: "
+
+    # and it is the trained model, not the base: the embeddings moved
+    base = SentenceTransformer(str(tiny_model), device="cpu").encode(check["texts"], prompt="query: ", convert_to_tensor=True)
+    assert (got - base).abs().max().item() > 1e-3
+
+    assert (out / "checkpoints/step3/complete").is_file() and (out / "checkpoints/step6/complete").is_file()
+    assert list((out / "runs").glob("events.out.tfevents.*"))
+
+
+def test_bad_line_stops_every_rank_with_file_and_line(tiny_model, tmp_path):
+    rows = open(QUESTIONS, encoding="utf-8").read().splitlines()[:30]
+    rows[6] = '{"query": "坏的一行", "pos": ['
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    proc = deepspeed_launch(PRETRAIN, "--model", str(tiny_model), "--train-data", str(bad),
+                            "--output-dir", str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "4",
+                            check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"data error: {bad}:7: malformed JSON" in output
+    assert "--skip-bad-lines" in output
+    assert "Traceback" not in output
+
+
+def test_skip_bad_lines_counts_and_reports(tiny_model, tmp_path):
+    rows = open(QUESTIONS, encoding="utf-8").read().splitlines()[:40]
+    rows[6], rows[20] = '{"query": "坏的一行", "pos": [', '{"query": "没有正例"}'
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    proc = deepspeed_launch(PRETRAIN, "--model", str(tiny_model), "--train-data", str(bad), "--skip-bad-lines",
+                            "--output-dir", str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "3")
+    assert "skipped 2 bad lines" in proc.stdout
+    assert f"{bad}:7: malformed JSON" in proc.stdout

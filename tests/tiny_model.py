@@ -1,0 +1,55 @@
+"""A tiny sentence-transformers model built in code (no hub): char-level WordPiece + a 2-layer BERT."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo_texts() -> list[str]:
+    texts = []
+    for path in sorted((ROOT / "data/demo").rglob("*.jsonl")):
+        for line in open(path, encoding="utf-8"):
+            row = json.loads(line)
+            texts += [v for k, v in row.items() if isinstance(v, str)]
+            texts += [t for k, v in row.items() if isinstance(v, list) for t in v if isinstance(t, str)]
+    return texts
+
+
+def make_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0,
+                    prompts: dict[str, str] | None = None) -> Path:
+    """Save a tiny SentenceTransformer (mean pooling, normalized) to out_dir and return the path."""
+    from sentence_transformers import SentenceTransformer, models
+    from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    tok = Tokenizer(tok_models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(handle_chinese_chars=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=3000, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(demo_texts() + ["query: passage: "], trainer=trainer)
+    from tokenizers.processors import TemplateProcessing
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=128)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=128,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf_dir = out_dir / "_hf"
+    BertModel(config).save_pretrained(hf_dir)
+    fast.save_pretrained(hf_dir)
+    encoder = models.Transformer(str(hf_dir), max_seq_length=64)
+    model = SentenceTransformer(modules=[encoder, models.Pooling(hidden, pooling_mode="mean"), models.Normalize()],
+                                device="cpu", prompts=prompts or {})
+    model.save(str(out_dir))
+    import shutil
+    shutil.rmtree(hf_dir)
+    return out_dir

@@ -1,0 +1,206 @@
+"""Streaming pair data: JSONL files -> validated examples -> length-grouped global batches -> a rank's slice.
+
+Formats (FlagEmbedding's): one JSON object per line,
+    {"query": str, "pos": str | [str, ...]}                       weakly supervised pairs
+    {"query": str, "pos": [str, ...], "neg": [str, ...]}          with hard negatives
+
+Every rank reads the same deterministic global stream and keeps its own slice of each global batch,
+so ranks always agree on the number of steps, no example is seen twice in an epoch, and a bad line
+stops every rank at the same step with the same message. Files are never loaded whole: examples are
+read lazily, mixed across files in proportion to what is left of each, and grouped by length inside
+a bounded buffer so little compute goes to padding.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and line."""
+
+
+@dataclass
+class Example:
+    query: str
+    pos: str                      # the positive picked for this epoch
+    neg: list[str]                # hard negatives picked for this epoch (may be empty)
+    source: str                   # "file:line", for error messages and NaN reports
+
+
+@dataclass
+class SkipReport:
+    """What was skipped (with --skip-bad-lines) and why, so nothing is dropped silently."""
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, err: DataError) -> None:
+        self.reasons[str(err).split(": ", 1)[1]] += 1
+        if len(self.examples) < 10:
+            self.examples.append(str(err))
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+
+def count_lines(path: Path) -> int:
+    """Lines (blank ones too), counted in 1 MiB chunks: seconds per GB, no parsing."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    if last != b"\n":
+        n += 1
+    return n
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"'{what}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"'{what}' is empty")
+    return value
+
+
+def _texts(value, what: str, allow_str: bool) -> list[str]:
+    if allow_str and isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(f"'{what}' must be a list of strings, got {type(value).__name__}")
+    return [_text(v, f"{what}[{i}]") for i, v in enumerate(value)]
+
+
+def parse_record(line: str, num_negatives: int) -> tuple[str, list[str], list[str]]:
+    """(query, positives, negatives) of one JSONL line; ValueError says what is wrong."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    for key in ("query", "pos"):
+        if key not in obj:
+            raise ValueError(f"missing field '{key}' (fields: {', '.join(obj) or 'none'})")
+    query = _text(obj["query"], "query")
+    pos = _texts(obj["pos"], "pos", allow_str=True)
+    if not pos:
+        raise ValueError("'pos' is an empty list")
+    neg = _texts(obj.get("neg", []), "neg", allow_str=False)
+    if num_negatives > 0 and not neg:
+        raise ValueError(f"no 'neg' texts, but {num_negatives} hard negatives per example were asked for")
+    return query, pos, neg
+
+
+def read_examples(path: Path, rng: random.Random, num_negatives: int,
+                  skipped: SkipReport | None) -> Iterator[Example]:
+    """Examples of one file in order; a bad line raises DataError, or is counted when skipping."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                query, pos, neg = parse_record(raw.decode("utf-8"), num_negatives)
+            except (UnicodeDecodeError, ValueError) as e:
+                reason = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
+                err = DataError(f"{path}:{line_no}: {reason}")
+                if skipped is None:
+                    raise err from None
+                skipped.add(err)
+                continue
+            # one positive and num_negatives negatives per epoch, as FlagEmbedding samples them
+            picked_neg = []
+            if num_negatives > 0:
+                picked_neg = (rng.sample(neg, num_negatives) if len(neg) >= num_negatives
+                              else rng.choices(neg, k=num_negatives))
+            yield Example(query, rng.choice(pos), picked_neg, f"{path}:{line_no}")
+
+
+def mix_files(paths: list[Path], sizes: list[int], rng: random.Random, num_negatives: int,
+              skipped: SkipReport | None) -> Iterator[Example]:
+    """Interleave files at random, each drawn in proportion to the lines it has left."""
+    readers = [read_examples(p, rng, num_negatives, skipped) for p in paths]
+    left = list(sizes)
+    while sum(left) > 0:
+        r = rng.random() * sum(left)
+        i = 0
+        while r >= left[i]:
+            r -= left[i]
+            i += 1
+        left[i] -= 1
+        example = next(readers[i], None)
+        if example is None:  # only blank or skipped lines were left in that file
+            left[i] = 0
+            continue
+        yield example
+
+
+@dataclass
+class PairStream:
+    """Deterministic global batches of one epoch; the same on every rank."""
+    paths: list[Path]
+    global_batch: int
+    num_negatives: int = 0
+    seed: int = 42
+    group_buffer: int = 64        # global batches sorted together by length; 1 = no grouping
+    skip_bad_lines: bool = False
+    max_chars: int = 512          # lengths past the truncation point do not add padding
+    sizes: list[int] = field(init=False)
+    skipped: SkipReport = field(default_factory=SkipReport)
+
+    def __post_init__(self):
+        self.paths = [Path(p) for p in self.paths]
+        if not self.paths:
+            raise DataError("no training files were given")
+        for p in self.paths:
+            if not p.is_file():
+                raise DataError(f"{p}: no such file")
+        self.sizes = [count_lines(p) for p in self.paths]
+        for p, n in zip(self.paths, self.sizes):
+            if n == 0:
+                raise DataError(f"{p}: the file is empty")
+        if self.global_batch <= 0:
+            raise DataError(f"global batch size must be positive, got {self.global_batch}")
+
+    @property
+    def num_lines(self) -> int:
+        return sum(self.sizes)
+
+    def batches_per_epoch(self) -> int:
+        """Upper bound from line counts (exact when no line is skipped)."""
+        return self.num_lines // self.global_batch
+
+    def epoch(self, epoch: int) -> Iterator[list[Example]]:
+        """Global batches of `epoch`; the last partial batch is dropped (counted in `dropped`)."""
+        rng = random.Random(f"{self.seed}-{epoch}")
+        skipped = self.skipped if self.skip_bad_lines else None
+        stream = mix_files(self.paths, self.sizes, rng, self.num_negatives, skipped)
+        buffer_size = self.global_batch * self.group_buffer
+        self.dropped = 0
+        while True:
+            buffer = [ex for _, ex in zip(range(buffer_size), stream)]
+            if len(buffer) < self.global_batch:
+                self.dropped = len(buffer)
+                return
+            if self.group_buffer > 1:
+                # queries and passages are padded separately: group by passage length (most of the
+                # compute), then query length; measured on the demo data: 26% padding vs 59% ungrouped
+                buffer.sort(key=lambda ex: (min(len(ex.pos), self.max_chars), min(len(ex.query), self.max_chars)))
+            full = len(buffer) - len(buffer) % self.global_batch
+            batches = [buffer[i:i + self.global_batch] for i in range(0, full, self.global_batch)]
+            rng.shuffle(batches)  # sorted batches, served in random order
+            yield from batches
+            if full < len(buffer):
+                self.dropped = len(buffer) - full
+                return
+
+
+def rank_slice(global_batch: list[Example], rank: int, world: int) -> list[Example]:
+    """This rank's contiguous share of a global batch."""
+    per_rank = len(global_batch) // world
+    return global_batch[rank * per_rank:(rank + 1) * per_rank]

@@ -1,0 +1,52 @@
+"""The few collective helpers the losses need; DeepSpeed does everything else."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the summed gradient of its own slice.
+
+    Rank r's loss depends on the tensors of every rank, so the gradient of rank s's tensor is
+    sum over r of dL_r/dx_s: an all_reduce of the full gradient, then each rank keeps its slice.
+    (Gathering without grad and re-inserting only the local slice keeps dL_s/dx_s alone and
+    silently trains a different objective.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from every rank (rank order) along dim 0, differentiably; identity on 1 process."""
+    if world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_reduce_sum(value: float | int, device: torch.device | str = "cpu") -> float:
+    """Sum of a Python number over ranks (for logging)."""
+    if world_size() == 1:
+        return float(value)
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())

@@ -1,0 +1,111 @@
+"""DeepSpeed glue: config resolution, optimizer choice, checkpoints, and export to sentence-transformers."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# DeepSpeed has no "auto" of its own (that is the HF Trainer's); we resolve these keys from flags.
+AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+             "gradient_clipping")
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: float,
+                   precision: str = "auto") -> dict:
+    """A ds_configs/*.json file with its "auto" values filled in; precision: auto | bf16 | fp32."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--deepspeed-config {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--deepspeed-config {path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if "optimizer" in cfg:
+        # DeepSpeed's "AdamW" type builds FusedAdam (needs a CUDA build); the script passes torch's.
+        raise SystemExit(f"{path}: remove the 'optimizer' section; the training script builds the "
+                         "optimizer (torch AdamW, or DeepSpeedCPUAdam with CPU offload)")
+    accum = cfg.get("gradient_accumulation_steps", "auto")
+    if accum not in ("auto", 1):
+        # in-batch negatives are the global micro-batch: accumulation would not enlarge them
+        raise SystemExit(f"{path}: gradient_accumulation_steps must be 1 or auto for contrastive "
+                         "training; raise the batch size or the number of ranks instead")
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+               train_batch_size=micro_batch * world)
+    if cfg.get("gradient_clipping", "auto") == "auto":
+        cfg["gradient_clipping"] = grad_clip  # explicit: DeepSpeed 0.19 silently defaults to 1.0
+    use_bf16 = {"auto": bf16_supported(), "bf16": True, "fp32": False}[precision]
+    if cfg.get("bf16", {}).get("enabled", "auto") == "auto" or precision != "auto":
+        cfg["bf16"] = {"enabled": use_bf16}
+    cfg.pop("fp16", None) if not use_bf16 else None
+    if offloads_optimizer(cfg) and not torch.cuda.is_available():
+        cfg["zero_force_ds_cpu_optimizer"] = False  # on a CPU machine torch's AdamW is the CPU optimizer
+    return cfg
+
+
+def offloads_optimizer(cfg: dict) -> bool:
+    off = cfg.get("zero_optimization", {}).get("offload_optimizer", {})
+    return off.get("device", "none") == "cpu"
+
+
+def build_optimizer(params, cfg: dict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """torch AdamW (fused on GPU), or DeepSpeedCPUAdam when the optimizer lives in CPU memory on a GPU box."""
+    if offloads_optimizer(cfg) and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=torch.cuda.is_available())
+
+
+def latest_checkpoint(ckpt_dir: Path) -> str | None:
+    """The tag DeepSpeed recorded in `latest`, if that checkpoint is complete."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (ckpt_dir / tag / "complete").is_file() else None
+
+
+def save_checkpoint(engine, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+    """DeepSpeed checkpoint plus a 'complete' marker written last (a kill mid-save leaves no marker)."""
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    if engine.global_rank == 0:
+        (ckpt_dir / tag / "complete").write_text("ok\n")
+    torch.distributed.barrier()
+
+
+def full_fp32_state_dict(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | None:
+    """The trained weights in fp32 on rank 0 (None elsewhere), whatever the ZeRO stage and precision."""
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if engine.global_rank == 0 else None
+    if engine.global_rank != 0:
+        return None
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def export_sentence_transformer(model_source: str, state_dict: dict, out_dir: Path,
+                                prompts: dict[str, str], max_length: int, pooling: str | None,
+                                local_files_only: bool = True) -> None:
+    """Rebuild the model on CPU, load the trained weights and save a sentence-transformers folder."""
+    from sentence_transformers import SentenceTransformer
+
+    from .model import set_pooling
+    model = SentenceTransformer(model_source, device="cpu", local_files_only=local_files_only)
+    set_pooling(model, pooling)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    real_missing = [k for k in missing if not k.endswith("position_ids")]
+    if real_missing or unexpected:
+        raise RuntimeError(f"export: weights do not match the model (missing {real_missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
+    model.max_seq_length = max_length
+    model.prompts = dict(prompts)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    model.save(str(tmp))
+    if out_dir.exists():
+        import shutil
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)

