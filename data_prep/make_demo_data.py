@@ -47,6 +47,40 @@ def afqmc_question_pairs(path: Path, n: int, rng: random.Random) -> list[dict]:
     return rng.sample(pairs, n)
 
 
+def retrieval_triples(path: Path, n: int, rng: random.Random) -> list[dict]:
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    return [r for r in rng.sample(rows, n) if r["neg"]]
+
+
+def sts_pairs(path: Path, n: int, rng: random.Random) -> list[dict]:
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    return rng.sample(rows, n)
+
+
+def afqmc_intents(path: Path, min_size: int) -> list[dict]:
+    """Paraphrase clusters (connected components of AFQMC's label-1 pairs) as intent labels."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for line in open(path, encoding="utf-8"):
+        r = json.loads(line)
+        if r["score"] >= 1:
+            a, b = find(r["sentence1"]), find(r["sentence2"])
+            if a != b:
+                parent[a] = b
+    clusters: dict[str, list[str]] = {}
+    for text in sorted(parent):
+        clusters.setdefault(find(text), []).append(text)
+    kept = sorted((sorted(c) for c in clusters.values() if len(c) >= min_size), key=lambda c: c[0])
+    return [{"text": t, "label": f"intent_{i:03d}"} for i, c in enumerate(kept) for t in c]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -62,6 +96,10 @@ def main() -> None:
     write_jsonl(out / "pretrain/llm_pairs.jsonl", llm[:800])
     write_jsonl(out / "pretrain/question_pairs.jsonl",
                 afqmc_question_pairs(shared / "afqmc/train.jsonl", 480, rng))
+    # fine-tuning tasks, sized so `deepspeed train/finetune.py` runs in well under 15 minutes
+    write_jsonl(out / "finetune/retrieval.jsonl", retrieval_triples(shared / "retrieval-zh/train.jsonl", 320, rng))
+    write_jsonl(out / "finetune/sts.jsonl", sts_pairs(shared / "stsb-zh/train.jsonl", 640, rng))
+    write_jsonl(out / "finetune/intent.jsonl", afqmc_intents(shared / "afqmc/train.jsonl", min_size=3))
 
 
 if __name__ == "__main__":

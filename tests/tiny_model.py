@@ -22,7 +22,8 @@ def demo_texts() -> list[str]:
 def make_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0,
                     prompts: dict[str, str] | None = None) -> Path:
     """Save a tiny SentenceTransformer (mean pooling, normalized) to out_dir and return the path."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -46,8 +47,8 @@ def make_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed
     hf_dir = out_dir / "_hf"
     BertModel(config).save_pretrained(hf_dir)
     fast.save_pretrained(hf_dir)
-    encoder = models.Transformer(str(hf_dir), max_seq_length=64)
-    model = SentenceTransformer(modules=[encoder, models.Pooling(hidden, pooling_mode="mean"), models.Normalize()],
+    encoder = Transformer(str(hf_dir), max_seq_length=64)
+    model = SentenceTransformer(modules=[encoder, Pooling(hidden, pooling_mode="mean"), Normalize()],
                                 device="cpu", prompts=prompts or {})
     model.save(str(out_dir))
     import shutil

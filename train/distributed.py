@@ -5,12 +5,19 @@ import torch
 import torch.distributed as dist
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+LOCAL = "local"  # a "group" of just this rank: gathers are the identity
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def world_size(group=None) -> int:
+    if group == LOCAL or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def rank(group=None) -> int:
+    if group == LOCAL or not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank(group)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -23,24 +30,25 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows = x.shape[0]
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.rows, ctx.group = x.shape[0], group
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        me = rank(ctx.group)
+        return grad[me * ctx.rows:(me + 1) * ctx.rows], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from every rank (rank order) along dim 0, differentiably; identity on 1 process."""
-    if world_size() == 1:
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate x from every rank of `group` (default: all) along dim 0, differentiably."""
+    if world_size(group) == 1:
         return x
-    return _AllGatherWithGrad.apply(x)
+    return _AllGatherWithGrad.apply(x, group)
 
 
 def all_reduce_sum(value: float | int, device: torch.device | str = "cpu") -> float:

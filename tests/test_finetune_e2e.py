@@ -1,0 +1,59 @@
+"""`deepspeed train/finetune.py` on 1 and 2 CPU ranks: CBB, MRL, the expansion layer, the release folder."""
+import json
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from sentence_transformers import SentenceTransformer
+
+from tests.conftest import ROOT, deepspeed_launch
+from train.release import EVAL_END, EVAL_START, replace_eval_table
+
+FINETUNE = ROOT / "train/finetune.py"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_finetune_runs_and_exports_a_matryoshka_model(tiny_model, tmp_path, ranks):
+    out = tmp_path / "ft"
+    proc = deepspeed_launch(FINETUNE, "--model", str(tiny_model), "--output-dir", str(out), "--max-steps", "3",
+                            "--log-steps", "1", "--expand-dim", "48", "--mrl-dims", "16,32,48", "--lr", "1e-3",
+                            num_gpus=ranks)
+    assert "export check: reloaded model matches the engine" in proc.stdout
+    final = out / "final"
+    check = torch.load(out / "export_check.pt")
+
+    full = SentenceTransformer(str(final), device="cpu")
+    assert full.get_embedding_dimension() == 48
+    emb = full.encode(check["texts"], prompt=check["prompt"], convert_to_tensor=True)
+    assert (emb - check["embeddings"]).abs().max() < 1e-5
+    cut = SentenceTransformer(str(final), device="cpu", truncate_dim=16)
+    assert torch.allclose(cut.encode(check["texts"], prompt=check["prompt"], convert_to_tensor=True), emb[:, :16], atol=1e-6)
+
+    card = ModelCard.load(final / "README.md")
+    assert card.data.library_name == "sentence-transformers" and "matryoshka" in card.data.tags
+    assert card.data.pipeline_tag == "sentence-similarity" and card.data.language == "zh"
+    assert "16, 32, 48" in card.text and EVAL_START in card.text
+    assert list(final.glob("*.safetensors")) and (final / "modules.json").is_file()
+    modules = [m["type"] for m in json.loads((final / "modules.json").read_text())]
+    assert any(t.endswith("Dense") for t in modules)
+
+
+def test_eval_table_update_is_idempotent(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text(f"---\nlibrary_name: sentence-transformers\n---\n# m\n\n{EVAL_START}\nold\n{EVAL_END}\n\nfooter\n")
+    replace_eval_table(card, "| task | score |\n|---|---|\n| STS | 80.0 |")
+    once = card.read_text()
+    replace_eval_table(card, "| task | score |\n|---|---|\n| STS | 80.0 |")
+    assert card.read_text() == once and "old" not in once and once.endswith("footer\n")
+
+
+def test_bad_config_stops_before_training(tiny_model, tmp_path):
+    bad = tmp_path / "tasks.json"
+    bad.write_text(json.dumps({"tasks": {"r": {"type": "retrieval", "files": [str(ROOT / "data/demo/finetune/sts.jsonl")],
+                                               "batch_size": 4, "num_negatives": 2}}}))
+    proc = deepspeed_launch(FINETUNE, "--model", str(tiny_model), "--data-config", str(bad),
+                            "--output-dir", str(tmp_path / "o"), num_gpus=2, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "config error: task 'r':" in output and "sts.jsonl:1: missing field 'query'" in output
+    assert "Traceback" not in output and "finetune:" not in output  # no training step was taken

@@ -1,0 +1,142 @@
+"""Fine-tuning data: one stream per task, in the formats FlagEmbedding and C-MTEB users have.
+
+    retrieval, pairs   {"query": str, "pos": [str], "neg": [str]}      (train.data.PairStream)
+    sts                {"sentence1": str, "sentence2": str, "score": number}
+    classification     {"text": str, "label": str | int}
+
+Classification files are read whole (they are small: labelled sets, not web corpora), because
+each text needs a same-label text as its positive and other-label texts as its negatives.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .data import DataError, Example, JsonlStream, PairStream, SkipReport, _text, read_examples
+from .tasks import Task
+
+
+@dataclass
+class StsExample:
+    sentence1: str
+    sentence2: str
+    score: float
+    source: str
+
+
+def _json_object(line: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _require(obj: dict, *keys: str) -> None:
+    for key in keys:
+        if key not in obj:
+            raise ValueError(f"missing field '{key}' (fields: {', '.join(obj) or 'none'})")
+
+
+def make_sts(line: str, rng: random.Random, source: str) -> StsExample:
+    obj = _json_object(line)
+    _require(obj, "sentence1", "sentence2", "score")
+    score = obj["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise ValueError(f"'score' must be a number, got {score!r}")
+    return StsExample(_text(obj["sentence1"], "sentence1"), _text(obj["sentence2"], "sentence2"), float(score), source)
+
+
+def sts_length(ex: StsExample, cap: int) -> tuple[int, int]:
+    return min(max(len(ex.sentence1), len(ex.sentence2)), cap), 0
+
+
+def parse_labelled(line: str, rng: random.Random, source: str) -> tuple[str, str, str]:
+    obj = _json_object(line)
+    _require(obj, "text", "label")
+    label = obj["label"]
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ValueError(f"'label' must be a string or an integer, got {label!r}")
+    return _text(obj["text"], "text"), str(label), source
+
+
+@dataclass
+class ClassificationStream(JsonlStream):
+    """Each text with one other text of its label (positive) and texts of other labels (negatives)."""
+    num_negatives: int = 1
+    singletons: int = field(default=0, init=False)   # texts whose label has no other text: unusable
+
+    def _records(self) -> list[tuple[str, str, str]]:
+        if not hasattr(self, "_cache"):
+            skipped = self.skipped if self.skip_bad_lines else None
+            rows = [r for p in self.paths for r in read_examples(p, parse_labelled, random.Random(0), skipped)]
+            by_label = defaultdict(list)
+            for text, label, _ in rows:
+                by_label[label].append(text)
+            if len(by_label) < 2:
+                raise DataError(f"{', '.join(map(str, self.paths))}: classification needs at least 2 labels, "
+                                f"found {len(by_label)}")
+            usable = [r for r in rows if len(by_label[r[1]]) > 1]
+            self.singletons = len(rows) - len(usable)
+            self._cache = (usable, dict(by_label))
+        return self._cache
+
+    def examples(self, rng: random.Random) -> Iterator[Example]:
+        rows, by_label = self._records()
+        labels = sorted(by_label)
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for i in order:
+            text, label, source = rows[i]
+            same = [t for t in by_label[label] if t != text] or by_label[label]
+            others = [lab for lab in labels if lab != label]
+            negatives = [rng.choice(by_label[rng.choice(others)]) for _ in range(self.num_negatives)]
+            yield Example(text, rng.choice(same), negatives, source)
+
+    def batches_per_epoch(self) -> int:
+        return len(self._records()[0]) // self.global_batch
+
+
+EXPECTED = {"retrieval": '{"query", "pos": [...], "neg": [...]}', "pairs": '{"query", "pos"}',
+            "sts": '{"sentence1", "sentence2", "score"}', "classification": '{"text", "label"}'}
+
+
+def check_first_line(stream: JsonlStream, task: Task) -> None:
+    """Parse the first line of every file now, so a file of the wrong shape stops before training."""
+    for path in stream.paths:
+        with open(path, "rb") as f:
+            line_no, raw = next(((i, r) for i, r in enumerate(f, 1) if r.strip()), (0, b""))
+        try:
+            stream.make(raw.decode("utf-8"), random.Random(0), f"{path}:{line_no}")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise DataError(f"{path}:{line_no}: {e}; a {task.type} task expects lines like {EXPECTED[task.type]}") from None
+
+
+def task_stream(task: Task, seed: int, max_chars: int, skip_bad_lines: bool) -> JsonlStream:
+    """The global-batch stream of one task (every rank of the task reads the same one)."""
+    common = dict(seed=seed, max_chars=max_chars, skip_bad_lines=skip_bad_lines)
+    try:
+        if task.type in ("retrieval", "pairs"):
+            stream = PairStream(task.files, task.batch_size, num_negatives=task.num_negatives, **common)
+            check_first_line(stream, task)
+            return stream
+        if task.type == "sts":
+            stream = JsonlStream(task.files, task.batch_size, make=make_sts, length=sts_length, **common)
+            check_first_line(stream, task)
+            return stream
+        from .data import pair_length
+        stream = ClassificationStream(task.files, task.batch_size, make=parse_labelled, length=pair_length,
+                                      num_negatives=task.num_negatives, **common)
+        check_first_line(stream, task)
+        stream._records()  # read now: bad lines and too few labels stop the run before training
+        return stream
+    except DataError as e:
+        raise DataError(f"task '{task.name}': {e}") from None
+
+
+__all__ = ["StsExample", "ClassificationStream", "task_stream", "SkipReport"]

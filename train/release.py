@@ -1,0 +1,114 @@
+"""The release: a model card for the exported folder, and the upload to the Hugging Face Hub."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+EVAL_START, EVAL_END = "<!-- eval-table:start -->", "<!-- eval-table:end -->"
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A Chinese text-embedding model trained with the Conan-embedding recipe
+([arXiv 2408.15710](https://arxiv.org/abs/2408.15710)): multi-task fine-tuning with the Cross-GPU
+Batch Balance loss{% if dims %} and Matryoshka representation learning{% endif %}, from `{{ base_model }}`.
+
+## Usage
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("{{ repo_id }}"{% if dims %}, truncate_dim={{ dims[0] }}{% endif %})
+queries = model.encode(["如何训练中文向量模型？"], prompt_name="query")
+passages = model.encode(["先在大规模弱监督数据上预训练，再做多任务微调。"], prompt_name="passage")
+print(model.similarity(queries, passages))
+```
+
+Prompts saved with the model: query `{{ query_prompt | tojson }}`, passage `{{ passage_prompt | tojson }}`.
+{% if dims %}
+Embeddings are {{ width }}-dimensional and were trained to be cut to any of
+{{ dims | join(", ") }} dimensions (`truncate_dim=`).
+{% endif %}
+
+## Training
+
+| setting | value |
+|---|---|
+| base model | `{{ base_model }}` |
+| output width | {{ width }}{% if expand %} (linear expansion layer after pooling){% endif %} |
+| Matryoshka dims | {{ dims | join(", ") if dims else "none" }} |
+| task schedule | {{ schedule }} |
+| steps | {{ steps }} on {{ world }} rank(s) |
+| learning rate | {{ lr }} |
+| temperature | {{ temperature }} |
+| CoSENT scale | {{ cosent_scale }} |
+| max length | {{ max_length }} |
+
+| task | type | data | batch / step | negatives | weight | ranks |
+|---|---|---|---|---|---|---|
+{% for t in tasks -%}
+| {{ t.name }} | {{ t.type }} | {{ t.files | join(", ") }} | {{ t.batch_size }} | {{ t.num_negatives }} | {{ t.weight }} | {{ t.ranks }} |
+{% endfor %}
+
+## Evaluation
+
+{{ eval_start }}
+Not evaluated yet: run `python eval/cmteb.py --model PATH --update-card`.
+{{ eval_end }}
+"""
+
+
+def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int], expand: int,
+                     args: dict, steps: int, world: int, repo_id: str | None = None) -> Path:
+    """README.md with Hub metadata, usage, training settings and an eval-table placeholder."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    prompts = config.get("prompts", {})
+    width = expand or _embedding_width(folder)
+    card_data = ModelCardData(
+        language="zh", license="apache-2.0", library_name="sentence-transformers",
+        pipeline_tag="sentence-similarity", model_name=folder.name,
+        base_model=base_model if "/" in base_model and not Path(base_model).exists() else None,
+        tags=["sentence-transformers", "sentence-similarity", "feature-extraction", "conan-embedding"]
+        + (["matryoshka"] if dims else []))
+    card = ModelCard.from_template(
+        card_data, template_str=CARD_TEMPLATE, model_name=args.get("output_dir", folder.name),
+        repo_id=repo_id or args.get("push_to_hub") or str(folder), base_model=base_model,
+        query_prompt=prompts.get("query", ""), passage_prompt=prompts.get("passage", ""),
+        dims=dims, width=width, expand=expand, schedule=args.get("task_schedule", "cbb"), steps=steps,
+        world=world, lr=args.get("lr"), temperature=args.get("temperature"),
+        cosent_scale=args.get("cosent_scale"), max_length=args.get("max_length"),
+        tasks=[dict(name=t.name, type=t.type, files=[Path(f).name for f in t.files], batch_size=t.batch_size,
+                    num_negatives=t.num_negatives, weight=t.weight, ranks=len(t.assigned)) for t in tasks],
+        eval_start=EVAL_START, eval_end=EVAL_END)
+    path = folder / "README.md"
+    card.save(path)
+    return path
+
+
+def _embedding_width(folder: Path) -> int:
+    pooling = json.loads((folder / "1_Pooling/config.json").read_text())
+    return pooling.get("embedding_dimension") or pooling["word_embedding_dimension"]
+
+
+def replace_eval_table(card_path: Path, table_markdown: str) -> None:
+    """Put `table_markdown` between the eval markers (idempotent: the old table is replaced)."""
+    text = card_path.read_text(encoding="utf-8")
+    if EVAL_START not in text or EVAL_END not in text:
+        text = text.rstrip() + f"\n\n## Evaluation\n\n{EVAL_START}\n{EVAL_END}\n"
+    head, rest = text.split(EVAL_START, 1)
+    _, tail = rest.split(EVAL_END, 1)
+    card_path.write_text(f"{head}{EVAL_START}\n{table_markdown.strip()}\n{EVAL_END}{tail}", encoding="utf-8")
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Create the repo if needed and upload the release folder; returns the repo URL."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    url = api.create_repo(repo_id, exist_ok=True, private=private)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload Conan-embedding model")
+    return str(url)

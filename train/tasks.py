@@ -1,0 +1,165 @@
+"""Fine-tuning task config: which data, which loss, how much of each step, and which ranks run it.
+
+A data config (YAML or JSON) lists the tasks; paths are relative to the config file:
+
+    tasks:
+      retrieval:   {type: retrieval, files: [retrieval.jsonl], batch_size: 8, num_negatives: 8, ranks: 4}
+      sts:         {type: sts, files: [sts.jsonl], batch_size: 32, ranks: 1, weight: 0.8}
+      intent:      {type: classification, files: [intent.jsonl], batch_size: 8, num_negatives: 4}
+    query_prompt: "query: "        # optional; default: the model's own prompts
+    passage_prompt: "passage: "
+
+Sizes are per optimizer step for the whole task, whatever the number of ranks, so one config gives
+the same objective on 1 rank or 64:
+  retrieval       batch_size queries, each with num_negatives hard negatives in all. The task's ranks
+                  all hold the same queries and positives and split the negatives (CBB, paper §2.3).
+  sts / pairs / classification
+                  batch_size examples, split evenly over the task's ranks.
+`ranks` is the task's share of the ranks (paper: 4 retrieval : 1 STS). With at least as many ranks as
+tasks every rank runs one task; with fewer, a rank runs several as sub-batches of the same step.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASK_TYPES = ("retrieval", "sts", "classification", "pairs")
+DEFAULT_WEIGHTS = {"retrieval": 1.0, "sts": 0.8, "classification": 1.0, "pairs": 1.0}  # sts: the paper's beta
+
+
+class ConfigError(ValueError):
+    """A data config that cannot be trained; the message names the file and the task."""
+
+
+@dataclass
+class Task:
+    name: str
+    type: str
+    files: list[Path]
+    batch_size: int
+    num_negatives: int = 0
+    ranks: int = 1                   # share of the ranks
+    weight: float = 1.0
+    query_prompt: str | None = None
+    passage_prompt: str | None = None
+    assigned: list[int] = field(default_factory=list)   # ranks that run it, filled by assign_ranks
+
+    @property
+    def negatives_per_rank(self) -> int:
+        return self.num_negatives // len(self.assigned) if self.type == "retrieval" else self.num_negatives
+
+    def examples_per_rank(self) -> int:
+        """Rows of this task one rank holds in a step (retrieval ranks hold all the queries)."""
+        return self.batch_size if self.type == "retrieval" else self.batch_size // len(self.assigned)
+
+
+@dataclass
+class DataConfig:
+    tasks: list[Task]
+    query_prompt: str | None = None
+    passage_prompt: str | None = None
+    source: Path | None = None
+
+
+def _load_mapping(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such data config") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise different types; both carry the position
+        raise ConfigError(f"{path}: cannot parse ({e})".replace("\n", " ")) from None
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict) or not data["tasks"]:
+        raise ConfigError(f"{path}: expected a mapping with a non-empty 'tasks' mapping")
+    return data
+
+
+def _positive_int(where: str, spec: dict, key: str, default: int | None = None, minimum: int = 1) -> int:
+    value = spec.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{where}: '{key}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def load_data_config(path: str | Path) -> DataConfig:
+    path = Path(path)
+    data = _load_mapping(path)
+    tasks = []
+    for name, spec in data["tasks"].items():
+        where = f"{path}: task '{name}'"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        unknown = set(spec) - {"type", "files", "batch_size", "num_negatives", "ranks", "weight",
+                               "query_prompt", "passage_prompt"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        if spec.get("type") not in TASK_TYPES:
+            raise ConfigError(f"{where}: 'type' must be one of {', '.join(TASK_TYPES)}, got {spec.get('type')!r}")
+        files = spec.get("files")
+        files = [files] if isinstance(files, str) else files
+        if not files or not all(isinstance(f, str) for f in files):
+            raise ConfigError(f"{where}: 'files' must list at least one file")
+        resolved = [(path.parent / f).resolve() for f in files]
+        for f in resolved:
+            if not f.is_file():
+                raise ConfigError(f"{where}: {f}: no such file")
+        needs_neg = spec["type"] in ("retrieval", "classification")
+        task = Task(name=name, type=spec["type"], files=resolved,
+                    batch_size=_positive_int(where, spec, "batch_size"),
+                    num_negatives=_positive_int(where, spec, "num_negatives", 0, minimum=1 if needs_neg else 0),
+                    ranks=_positive_int(where, spec, "ranks", 1),
+                    weight=float(spec.get("weight", DEFAULT_WEIGHTS[spec["type"]])),
+                    query_prompt=spec.get("query_prompt"), passage_prompt=spec.get("passage_prompt"))
+        if task.type == "sts" and task.batch_size < 2:
+            raise ConfigError(f"{where}: CoSENT compares pairs with each other; batch_size must be >= 2")
+        tasks.append(task)
+    return DataConfig(tasks, data.get("query_prompt"), data.get("passage_prompt"), path)
+
+
+def assign_ranks(tasks: list[Task], world: int, schedule: str = "cbb") -> None:
+    """Fill task.assigned. cbb: every task in every step, ranks shared out by the tasks' `ranks`.
+
+    schedule 'random' (the FlagEmbedding / Piccolo baseline) puts every rank on every task; the loop
+    then picks one task per step.
+    """
+    if schedule == "random" or world == 1:
+        for task in tasks:
+            task.assigned = list(range(world))
+    elif world < len(tasks):
+        for i, task in enumerate(tasks):  # a rank runs several tasks as sub-batches
+            task.assigned = [i % world]
+    else:
+        counts = _largest_remainder([t.ranks for t in tasks], world)
+        start = 0
+        for task, n in zip(tasks, counts):
+            task.assigned = list(range(start, start + n))
+            start += n
+    for task in tasks:
+        check_divisible(task)
+
+
+def _largest_remainder(shares: list[int], world: int) -> list[int]:
+    """Integer rank counts closest to shares * world / sum(shares), each at least 1, summing to world."""
+    ideal = [s * world / sum(shares) for s in shares]
+    counts = [max(1, int(x)) for x in ideal]
+    while sum(counts) < world:
+        counts[max(range(len(counts)), key=lambda i: ideal[i] - counts[i])] += 1
+    while sum(counts) > world:
+        counts[min((i for i in range(len(counts)) if counts[i] > 1), key=lambda i: ideal[i] - counts[i])] -= 1
+    return counts
+
+
+def check_divisible(task: Task) -> None:
+    n = len(task.assigned)
+    if task.type == "retrieval" and task.num_negatives % n:
+        raise ConfigError(f"task '{task.name}': num_negatives {task.num_negatives} does not split over its "
+                          f"{n} ranks {task.assigned}; use a multiple of {n}")
+    if task.type != "retrieval" and task.batch_size % n:
+        raise ConfigError(f"task '{task.name}': batch_size {task.batch_size} does not split over its "
+                          f"{n} ranks {task.assigned}; use a multiple of {n}")
