@@ -29,7 +29,8 @@ class Example:
     query: str
     pos: str                      # the positive picked for this epoch
     neg: list[str]                # hard negatives picked for this epoch (may be empty)
-    source: str                   # "file:line", for error messages and NaN reports
+    source: str                   # "file:line": the example's id, for errors and mining state
+    pool: list[str] = field(default_factory=list)  # ranked candidate negatives (dynamic mining)
 
 
 @dataclass
@@ -76,8 +77,8 @@ def _texts(value, what: str, allow_str: bool) -> list[str]:
     return [_text(v, f"{what}[{i}]") for i, v in enumerate(value)]
 
 
-def parse_record(line: str, num_negatives: int) -> tuple[str, list[str], list[str]]:
-    """(query, positives, negatives) of one JSONL line; ValueError says what is wrong."""
+def parse_record(line: str, num_negatives: int) -> tuple[str, list[str], list[str], list[str]]:
+    """(query, positives, negatives, ranked pool) of one JSONL line; ValueError says what is wrong."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -94,17 +95,24 @@ def parse_record(line: str, num_negatives: int) -> tuple[str, list[str], list[st
     neg = _texts(obj.get("neg", []), "neg", allow_str=False)
     if num_negatives > 0 and not neg:
         raise ValueError(f"no 'neg' texts, but {num_negatives} hard negatives per example were asked for")
-    return query, pos, neg
+    pool = _texts(obj.get("neg_pool", []), "neg_pool", allow_str=False)
+    return query, pos, neg, pool
 
 
-def pair_maker(num_negatives: int) -> Callable[[str, random.Random, str], Example]:
-    """Line -> Example with one positive and num_negatives negatives picked for this epoch."""
+def pair_maker(num_negatives: int, sample: bool = True) -> Callable[[str, random.Random, str], Example]:
+    """Line -> Example with one positive and num_negatives negatives.
+
+    sample: negatives drawn afresh each epoch (as FlagEmbedding does); otherwise the first ones in
+    order (dynamic mining tracks the scores of a fixed set).
+    """
     def make(line: str, rng: random.Random, source: str) -> Example:
-        query, pos, neg = parse_record(line, num_negatives)
+        query, pos, neg, pool = parse_record(line, num_negatives)
         picked = []
-        if num_negatives > 0:  # sampled per epoch, as FlagEmbedding does
+        if num_negatives > 0 and sample:
             picked = rng.sample(neg, num_negatives) if len(neg) >= num_negatives else rng.choices(neg, k=num_negatives)
-        return Example(query, rng.choice(pos), picked, source)
+        elif num_negatives > 0:
+            picked = [neg[i % len(neg)] for i in range(num_negatives)]
+        return Example(query, rng.choice(pos), picked, source, pool)
     return make
 
 
@@ -215,9 +223,10 @@ class JsonlStream:
                 return
 
 
-def PairStream(paths: list[Path], global_batch: int, num_negatives: int = 0, **kwargs) -> JsonlStream:
-    """The stream of {query, pos[, neg]} examples."""
-    return JsonlStream(paths, global_batch, make=pair_maker(num_negatives), length=pair_length, **kwargs)
+def PairStream(paths: list[Path], global_batch: int, num_negatives: int = 0, sample_negatives: bool = True,
+               **kwargs) -> JsonlStream:
+    """The stream of {query, pos[, neg[, neg_pool]]} examples."""
+    return JsonlStream(paths, global_batch, make=pair_maker(num_negatives, sample_negatives), length=pair_length, **kwargs)
 
 
 def rank_slice(global_batch: list[Example], rank: int, world: int) -> list[Example]:

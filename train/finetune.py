@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import random
@@ -39,6 +40,7 @@ from train.engine import (build_optimizer, check_export, encode, export_sentence
 from train.finetune_data import task_stream  # noqa: E402
 from train.losses import cbb  # noqa: E402
 from train.losses.matryoshka import matryoshka  # noqa: E402
+from train.mining import HardNegativeMiner, MiningRule, plot_history  # noqa: E402
 from train.model import DEFAULT_MODEL, add_expansion_layer, load_model, set_pooling  # noqa: E402
 from train.release import push_to_hub, write_model_card  # noqa: E402
 from train.tasks import ConfigError, Task, assign_ranks, load_data_config  # noqa: E402
@@ -75,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--save-steps", type=int, default=500)
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint dir")
+    p.add_argument("--stop-at-step", type=int, default=0,
+                   help="stop as if preempted after saving this step's checkpoint (to test --resume)")
     p.add_argument("--log-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the release folder to this Hub repo")
@@ -113,8 +117,10 @@ def task_batches(stream, state: dict):
         state["epoch"], state["batch"] = state["epoch"] + 1, 0
 
 
-def task_loss(task: Task, global_batch: list, embed, group, rank: int, dims, weights, args) -> tuple[torch.Tensor, int]:
-    """This rank's share of one task's loss (before CBB scaling), and the tokens it encoded.
+def task_loss(task: Task, global_batch: list, embed, group, rank: int, dims, weights, args,
+              miner: HardNegativeMiner | None = None) -> tuple[torch.Tensor, int, dict]:
+    """This rank's share of one task's loss (before CBB scaling), the tokens it encoded, and for mined
+    retrieval tasks the mean score of each example's negatives ({id: (score, pool size)}).
 
     `embed(texts, prompt)` returns (embeddings, tokens); `group` is the task's process group.
     """
@@ -122,27 +128,50 @@ def task_loss(task: Task, global_batch: list, embed, group, rank: int, dims, wei
     qp, pp = task.query_prompt, task.passage_prompt
     if task.type == "retrieval":  # same queries on every rank of the task, a different slice of negatives
         n = task.negatives_per_rank
+        negatives = [miner.negatives(ex.source, ex.neg, ex.pool) if miner else ex.neg for ex in global_batch]
         q, t1 = embed([ex.query for ex in global_batch], qp)
         p, t2 = embed([ex.pos for ex in global_batch], pp)
-        neg, t3 = embed([t for ex in global_batch for t in ex.neg[me * n:(me + 1) * n]], pp)
+        neg, t3 = embed([t for negs in negatives for t in negs[me * n:(me + 1) * n]], pp)
         neg_all = cbb.gather_negatives(neg, group)
-        return matryoshka(cbb.retrieval_cbb, [q, p, neg_all], dims, weights, temperature=args.temperature), t1 + t2 + t3
+        loss = matryoshka(cbb.retrieval_cbb, [q, p, neg_all], dims, weights, temperature=args.temperature)
+        scores = {}
+        if miner:  # the similarities the loss used, read back: no extra forward pass
+            own = cbb.own_negative_scores(q.detach(), neg_all.detach(), n, len(task.assigned))
+            scores = {ex.source: (float(s), len(ex.pool)) for ex, s in zip(global_batch, own)}
+        return loss, t1 + t2 + t3, scores
     batch = rank_slice(global_batch, me, len(task.assigned))
     if task.type == "sts":  # gathered, so CoSENT orders all of the task's pairs, as one process would
         e1, t1 = embed([ex.sentence1 for ex in batch], qp)
         e2, t2 = embed([ex.sentence2 for ex in batch], qp)
         gold = torch.tensor([ex.score for ex in global_batch], device=e1.device)
         e1, e2 = cbb.all_gather_with_grad(e1, group), cbb.all_gather_with_grad(e2, group)
-        return matryoshka(cbb.sts_cosent, [e1, e2], dims, weights, gold=gold, scale=args.cosent_scale), t1 + t2
+        return matryoshka(cbb.sts_cosent, [e1, e2], dims, weights, gold=gold, scale=args.cosent_scale), t1 + t2, {}
     if task.type == "classification":  # symmetric texts: the query prompt on every side
         q, t1 = embed([ex.query for ex in batch], qp)
         p, t2 = embed([ex.pos for ex in batch], qp)
         neg, t3 = embed([t for ex in batch for t in ex.neg], qp)
-        return matryoshka(cbb.classification, [q, p, neg], dims, weights, temperature=args.temperature), t1 + t2 + t3
+        return matryoshka(cbb.classification, [q, p, neg], dims, weights, temperature=args.temperature), t1 + t2 + t3, {}
     q, t1 = embed([ex.query for ex in batch], qp)  # pairs: in-batch negatives over the task's ranks
     p, t2 = embed([ex.pos for ex in batch], pp)
     p_all, labels = cbb.gathered_candidates(q, p, None, group)
-    return matryoshka(cbb.pairs_infonce, [q, p_all], dims, weights, labels=labels, temperature=args.temperature), t1 + t2
+    return matryoshka(cbb.pairs_infonce, [q, p_all], dims, weights, labels=labels, temperature=args.temperature), t1 + t2, {}
+
+
+def assert_same_on_all_ranks(fingerprint: str, what: str, world: int) -> None:
+    """Fail loudly if ranks disagree (cheap: one short string per rank)."""
+    everyone = [None] * world
+    dist.all_gather_object(everyone, fingerprint)
+    if len(set(everyone)) != 1:
+        raise RuntimeError(f"{what} differs between ranks: {everyone}")
+
+
+def checkpoint_state(step: int, positions: dict, miners: dict, tasks: list[Task], world: int) -> dict:
+    """What a resume needs besides DeepSpeed's own state. Only a task's ranks advance its data
+    position, and rank 0 writes the client state, so each task's position comes from its first rank."""
+    everyone = [None] * world
+    dist.all_gather_object(everyone, positions)
+    merged = {t.name: dict(everyone[t.assigned[0]][t.name]) for t in tasks}
+    return dict(step=step, positions=merged, mining={n: m.state_dict() for n, m in miners.items()})
 
 
 def tasks_this_step(tasks: list[Task], rank: int, step: int, args) -> list[Task]:
@@ -203,12 +232,14 @@ def main(argv=None) -> None:
     def embed(texts, prompt):
         return encode(engine, model, texts, prompt, device)
 
+    miners = {t.name: HardNegativeMiner(t.num_negatives, MiningRule(**t.mining)) for t in tasks if t.mining}
     step, positions = 0, {t.name: {"epoch": 0, "batch": 0} for t in tasks}
     resume_from = latest_checkpoint(ckpt_dir) if args.resume == "auto" else args.resume
     if resume_from:
         load_dir = ckpt_dir if args.resume == "auto" else Path(args.resume).parent
         _, client = engine.load_checkpoint(str(load_dir), tag=Path(resume_from).name)
         step, positions = client["step"], client["positions"]
+        miners = {name: HardNegativeMiner.from_state_dict(m) for name, m in client.get("mining", {}).items()}
     batches = {t.name: task_batches(streams[t.name], positions[t.name]) for t in tasks}
 
     writer = None
@@ -226,9 +257,11 @@ def main(argv=None) -> None:
     sums, tokens, t_log = torch.zeros(2 * len(tasks), dtype=torch.float64), 0, time.time()
     try:
         while step < total_steps:
-            total = None
+            total, mined = None, {}
             for task in tasks_this_step(tasks, rank, step, args):
-                loss, n_tokens = task_loss(task, next(batches[task.name]), embed, groups[task.name], rank, dims, weights, args)
+                loss, n_tokens, scores = task_loss(task, next(batches[task.name]), embed, groups[task.name], rank,
+                                                   dims, weights, args, miners.get(task.name))
+                mined[task.name] = scores
                 scaled = cbb.task_scale(task.weight, world, len(task.assigned)) * loss
                 total = scaled if total is None else total + scaled
                 i = names.index(task.name)
@@ -238,6 +271,19 @@ def main(argv=None) -> None:
             engine.backward(total)
             engine.step()
             step += 1
+            if miners:  # every rank applies the same scores, so the mining state is the same everywhere
+                shared = [None] * world
+                dist.all_gather_object(shared, mined)
+                for name, miner in miners.items():
+                    miner.record(step, {k: v for part in shared for k, v in part.get(name, {}).items()})
+                    if miner.due(step):
+                        c = miner.check(step)
+                        assert_same_on_all_ranks(miner.fingerprint(), f"mining state of '{name}' at step {step}", world)
+                        if is_main:
+                            writer.add_scalar(f"mining/{name}/replaced", c.replaced, step)
+                            writer.add_scalar(f"mining/{name}/mean_negative_score", c.mean_score, step)
+                            bar.write(f"step {step} mining {name}: checked {c.checked}, replaced {c.replaced}, "
+                                      f"pools exhausted {c.exhausted}, mean negative score {c.mean_score:.3f}")
 
             if step % args.log_steps == 0 or step == total_steps:
                 reduced = sums.to(device)
@@ -255,15 +301,20 @@ def main(argv=None) -> None:
                 sums.zero_()
                 tokens, t_log = 0, time.time()
             bar.update(1)
-            if step % args.save_steps == 0 and step < total_steps:
-                save_checkpoint(engine, ckpt_dir, f"step{step}", dict(step=step, positions=positions))
+            if (step % args.save_steps == 0 or step == args.stop_at_step) and step < total_steps:
+                save_checkpoint(engine, ckpt_dir, f"step{step}", checkpoint_state(step, positions, miners, tasks, world))
+            if step == args.stop_at_step:
+                if is_main:
+                    print(f"stopped at step {step} (--stop-at-step); resume with --resume auto")
+                dist.barrier()
+                return
     except DataError as e:
         raise SystemExit(f"data error: {e}\n(pass --skip-bad-lines to skip and count such lines)") from None
     bar.close()
 
     # --- export the release folder
     tag = f"step{step}"
-    save_checkpoint(engine, ckpt_dir, tag, dict(step=step, positions=positions))
+    save_checkpoint(engine, ckpt_dir, tag, checkpoint_state(step, positions, miners, tasks, world))
     state_dict = full_fp32_state_dict(engine, ckpt_dir, tag)
     first = tasks[0]
     probe_texts = ["如何训练中文向量模型？", "导出检查：这句话用来比较训练引擎和导出的模型。"]
@@ -283,6 +334,9 @@ def main(argv=None) -> None:
             print(f"skipped bad lines per task: {skipped}")
         if singletons:
             print(f"classification texts left out because no other text has their label: {singletons}")
+        for name, miner in miners.items():
+            (out_dir / f"mining_{name}.json").write_text(json.dumps(miner.state_dict()))
+            plot_history(miner, out_dir / f"mining_{name}.png")
         write_model_card(out_dir / "final", base_model=model_name, tasks=tasks, dims=dims, expand=expand,
                          args=vars(args), steps=step, world=world)
         print(f"done: {step} steps; release folder {out_dir / 'final'}")

@@ -122,7 +122,8 @@ def task_stream(task: Task, seed: int, max_chars: int, skip_bad_lines: bool) -> 
     common = dict(seed=seed, max_chars=max_chars, skip_bad_lines=skip_bad_lines)
     try:
         if task.type in ("retrieval", "pairs"):
-            stream = PairStream(task.files, task.batch_size, num_negatives=task.num_negatives, **common)
+            stream = PairStream(task.files, task.batch_size, num_negatives=task.num_negatives,
+                                sample_negatives=task.mining is None, **common)
             check_first_line(stream, task)
             return stream
         if task.type == "sts":

@@ -43,6 +43,7 @@ class Task:
     weight: float = 1.0
     query_prompt: str | None = None
     passage_prompt: str | None = None
+    mining: dict | None = None       # dynamic hard-negative mining (retrieval): MiningRule fields
     assigned: list[int] = field(default_factory=list)   # ranks that run it, filled by assign_ranks
 
     @property
@@ -96,7 +97,7 @@ def load_data_config(path: str | Path) -> DataConfig:
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: expected a mapping")
         unknown = set(spec) - {"type", "files", "batch_size", "num_negatives", "ranks", "weight",
-                               "query_prompt", "passage_prompt"}
+                               "query_prompt", "passage_prompt", "mining"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         if spec.get("type") not in TASK_TYPES:
@@ -116,10 +117,33 @@ def load_data_config(path: str | Path) -> DataConfig:
                     ranks=_positive_int(where, spec, "ranks", 1),
                     weight=float(spec.get("weight", DEFAULT_WEIGHTS[spec["type"]])),
                     query_prompt=spec.get("query_prompt"), passage_prompt=spec.get("passage_prompt"))
+        task.mining = _mining(where, spec.get("mining"), task.type)
         if task.type == "sts" and task.batch_size < 2:
             raise ConfigError(f"{where}: CoSENT compares pairs with each other; batch_size must be >= 2")
         tasks.append(task)
     return DataConfig(tasks, data.get("query_prompt"), data.get("passage_prompt"), path)
+
+
+def _mining(where: str, value, task_type: str) -> dict | None:
+    """`mining: v1` / `v2` / `off`, or a mapping of MiningRule fields (rule, interval, factor, abs_limit, offset)."""
+    from .mining import MiningRule
+    if value in (None, "off", False):
+        return None
+    if task_type != "retrieval":
+        raise ConfigError(f"{where}: 'mining' applies to retrieval tasks only")
+    if isinstance(value, str):
+        value = {"rule": value}
+    if not isinstance(value, dict) or value.get("rule", "v1") not in ("v1", "v2"):
+        raise ConfigError(f"{where}: 'mining' must be v1, v2, off, or a mapping with rule: v1|v2")
+    fields = {"interval", "factor", "abs_limit", "easy_start", "offset"}
+    unknown = set(value) - fields - {"rule"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown mining keys {sorted(unknown)}")
+    base = MiningRule.v2() if value.get("rule") == "v2" else MiningRule()
+    rule = {**{k: getattr(base, k) for k in fields}, **{k: value[k] for k in fields & set(value)}, "name": base.name}
+    if not isinstance(rule["interval"], int) or rule["interval"] < 1:
+        raise ConfigError(f"{where}: mining interval must be an integer >= 1")
+    return rule
 
 
 def assign_ranks(tasks: list[Task], world: int, schedule: str = "cbb") -> None:

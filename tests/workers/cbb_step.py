@@ -47,7 +47,7 @@ def main() -> None:
     total, losses = None, {}
     for task in tasks_this_step(tasks, rank, 0, ARGS):
         batch = next(task_stream(task, ARGS.seed, 128, False).epoch(0))
-        loss, _ = task_loss(task, batch, embed, groups[task.name], rank, None, None, ARGS)
+        loss, _, _ = task_loss(task, batch, embed, groups[task.name], rank, None, None, ARGS)
         losses[task.name] = loss.item()
         scaled = cbb.task_scale(task.weight, world, len(task.assigned)) * loss
         total = scaled if total is None else total + scaled

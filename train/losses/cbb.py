@@ -50,6 +50,16 @@ def gather_negatives(neg: torch.Tensor, group) -> torch.Tensor:
     return all_gather_with_grad(neg, group)
 
 
+def own_negative_scores(q: torch.Tensor, neg_all: torch.Tensor, per_rank: int, ranks: int) -> torch.Tensor:
+    """Mean cosine of each query with its own hard negatives (all ranks' slices), for mining. [B]
+
+    neg_all is [rank 0: B x per_rank, rank 1: B x per_rank, ...], query-major within each rank.
+    """
+    b = q.shape[0]
+    own = neg_all.reshape(ranks, b, per_rank, -1).transpose(0, 1).reshape(b, ranks * per_rank, -1)
+    return torch.einsum("bd,bkd->bk", F.normalize(q.float(), dim=-1), F.normalize(own.float(), dim=-1)).mean(1)
+
+
 def sts_cosent(emb1: torch.Tensor, emb2: torch.Tensor, gold: torch.Tensor, scale: float) -> torch.Tensor:
     """CoSENT over already gathered pair embeddings [B, d] and gold scores [B]."""
     return cosent(F.cosine_similarity(emb1.float(), emb2.float(), dim=-1), gold.float(), scale)
