@@ -1,0 +1,177 @@
+"""C-MTEB evaluation with the `mteb` library, at every Matryoshka dimension in one run.
+
+    python eval/cmteb.py --model output/finetune/final                       # MTEB(cmn, v1): 31 tasks
+    python eval/cmteb.py --model M --task-types STS,Retrieval --dims 256,512,1792
+    python eval/cmteb.py --model M --local sts:../shared/data/stsb-zh/validation.jsonl \
+        --local retrieval:../shared/data/cmrc2018-trial --update-card          # offline, local data
+
+mteb loads the tasks, computes every metric and writes nothing by hand here. Each text is encoded
+once at full width; every dimension in --dims is scored on the first d coordinates of those
+embeddings (what `SentenceTransformer(path, truncate_dim=d)` gives). Prompts are the model's saved
+ones (query / passage), or --query-prompt / --passage-prompt.
+Output: OUTPUT_DIR/dim<d>/<task>.json per task and dimension, OUTPUT_DIR/results.md (a table by task
+type with the C-MTEB-style average), and with --update-card that table in the model's README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+BENCHMARK = "MTEB(cmn, v1)"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="a sentence-transformers folder (or hub id)")
+    p.add_argument("--benchmark", default=BENCHMARK)
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: the whole benchmark)")
+    p.add_argument("--task-types", default=None, help="comma-separated: Retrieval,Reranking,STS,PairClassification,...")
+    p.add_argument("--local", action="append", default=[], metavar="[KIND:]PATH",
+                   help="a local data set (eval/local_tasks.py); repeatable. With only --local, no benchmark task runs")
+    p.add_argument("--dims", default=None, help="comma-separated Matryoshka dims (default: the full width)")
+    p.add_argument("--query-prompt", default=None)
+    p.add_argument("--passage-prompt", default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--output-dir", default=None, help="default: MODEL/eval (or eval_results/ for a hub id)")
+    p.add_argument("--update-card", action="store_true", help="write the results table into the model's README.md")
+    return p.parse_args(argv)
+
+
+def select_tasks(args) -> list:
+    """Benchmark tasks filtered by --tasks / --task-types, plus the --local ones."""
+    import mteb
+
+    from eval.local_tasks import local_task
+    tasks = [local_task(spec) for spec in args.local]
+    if tasks and not (args.tasks or args.task_types):
+        return tasks
+    try:
+        bench = list(mteb.get_benchmark(args.benchmark).tasks)
+    except Exception as e:  # mteb raises KeyError / ValueError with its own message
+        raise SystemExit(f"--benchmark {args.benchmark!r}: {e}") from None
+    if args.tasks:
+        wanted = [t.strip() for t in args.tasks.split(",")]
+        known = {t.metadata.name: t for t in bench}
+        unknown = [t for t in wanted if t not in known]
+        if unknown:
+            raise SystemExit(f"--tasks: unknown in {args.benchmark}: {unknown}; known: {sorted(known)}")
+        bench = [known[t] for t in wanted]
+    if args.task_types:
+        types = {t.strip() for t in args.task_types.split(",")}
+        known_types = {t.metadata.type for t in mteb.get_benchmark(args.benchmark).tasks}
+        if types - known_types:
+            raise SystemExit(f"--task-types: unknown {sorted(types - known_types)}; known: {sorted(known_types)}")
+        bench = [t for t in bench if t.metadata.type in types]
+    return bench + tasks
+
+
+def caching_encoder(model, dim: int | None, cache: dict, name: str):
+    """An mteb encoder that computes each (texts, prompt) embedding once and serves its first `dim` columns."""
+    from mteb.models.model_meta import ModelMeta
+    from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+
+    class CachedTruncated(SentenceTransformerEncoderWrapper):
+        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
+            texts = [t for batch in inputs for t in batch["text"]]
+            key = hashlib.sha1(json.dumps([task_metadata.name, str(prompt_type), texts]).encode()).hexdigest()
+            if key not in cache:  # (texts, full-width embeddings): the texts let tests find what was scored
+                cache[key] = (texts, np.asarray(super().encode(inputs, task_metadata=task_metadata, hf_split=hf_split,
+                                                               hf_subset=hf_subset, prompt_type=prompt_type, **kwargs)))
+            full = cache[key][1]
+            return full if dim is None else full[:, :dim]
+
+    prompts = {"query": model.prompts.get("query", ""), "document": model.prompts.get("document", "")}
+    encoder = CachedTruncated(model, model_prompts={k: v for k, v in prompts.items() if v})
+    suffix = f"-dim{dim}" if dim else ""
+    encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(name=f"local/{name}{suffix}", revision="local"))
+    return encoder
+
+
+def evaluate(model, tasks: list, dims: list[int | None], batch_size: int, name: str, out: Path) -> tuple[dict, dict]:
+    """mteb scores {dim: {task: main score}} and the embedding cache {key: (texts, full embeddings)}."""
+    import mteb
+    cache: dict = {}
+    scores: dict[int | None, dict[str, float]] = {}
+    width = model.get_embedding_dimension()
+    for dim in dims:
+        encoder = caching_encoder(model, dim, cache, name)
+        result = mteb.evaluate(encoder, tasks, cache=None, encode_kwargs={"batch_size": batch_size})
+        scores[dim] = {}
+        for task_result in result.task_results:
+            scores[dim][task_result.task_name] = task_result.get_score()
+            path = out / f"dim{dim or width}" / f"{task_result.task_name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(task_result.model_dump_json(indent=2))
+    return scores, cache
+
+
+def results_table(scores: dict[int | None, dict[str, float]], types: dict[str, str]) -> str:
+    """Markdown: one row per task (grouped by type), one column per dimension; type and overall averages."""
+    dims = list(scores)
+    header = "| task | type | " + " | ".join(f"dim {d}" if d else "full" for d in dims) + " |"
+    lines = [header, "|" + "---|" * (len(dims) + 2)]
+    by_type = defaultdict(list)
+    for task, t in sorted(types.items(), key=lambda kv: (kv[1], kv[0])):
+        by_type[t].append(task)
+        lines.append(f"| {task} | {t} | " + " | ".join(f"{100 * scores[d][task]:.2f}" for d in dims) + " |")
+    for t, tasks in sorted(by_type.items()):
+        lines.append(f"| **{t} average** ({len(tasks)}) | | "
+                     + " | ".join(f"{100 * np.mean([scores[d][x] for x in tasks]):.2f}" for d in dims) + " |")
+    lines.append(f"| **average** ({len(types)} tasks) | | "
+                 + " | ".join(f"{100 * np.mean(list(scores[d].values())):.2f}" for d in dims) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import mteb
+    from sentence_transformers import SentenceTransformer
+
+    from eval.local_tasks import LocalDataError
+    from train.release import replace_eval_table
+
+    from train.model import resolve_model
+    model_path = Path(args.model)
+    source, local_only = resolve_model(args.model)  # a clear message for a missing folder, quick when offline
+    try:
+        tasks = select_tasks(args)
+    except LocalDataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    model = SentenceTransformer(source, device=None, local_files_only=local_only)
+    if args.query_prompt is not None:
+        model.prompts["query"] = args.query_prompt
+    if args.passage_prompt is not None:
+        model.prompts["passage"] = model.prompts["document"] = args.passage_prompt
+    model.prompts.setdefault("document", model.prompts.get("passage", ""))
+    width = model.get_embedding_dimension()
+    dims = [int(d) for d in args.dims.split(",")] if args.dims else [None]
+    if any(d is not None and not 0 < d <= width for d in dims):
+        raise SystemExit(f"--dims {args.dims}: each must be between 1 and the model's width {width}")
+
+    out = Path(args.output_dir) if args.output_dir else (model_path / "eval" if model_path.exists() else Path("eval_results"))
+    scores, _ = evaluate(model, tasks, dims, args.batch_size, model_path.name, out)
+    table = results_table(scores, {t.metadata.name: t.metadata.type for t in tasks})
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    if args.update_card:
+        card = model_path / "README.md"
+        if not card.is_file():
+            raise SystemExit(f"--update-card: {card} does not exist")
+        replace_eval_table(card, f"Evaluated with `eval/cmteb.py` (mteb {mteb.__version__}); scores x 100.\n\n{table}")
+        print(f"updated {card}")
+    return scores
+
+
+if __name__ == "__main__":
+    main()

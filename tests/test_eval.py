@@ -1,0 +1,124 @@
+"""eval/cmteb.py: local tasks scored by mteb equal direct computations; --dims equals truncate_dim."""
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+from sentence_transformers import SentenceTransformer
+
+from eval import cmteb
+from tests.conftest import SHARED
+
+
+@pytest.fixture(scope="module")
+def sts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sts") / "sts.jsonl"
+    path.write_text("".join(open(SHARED / "stsb-zh/validation.jsonl", encoding="utf-8").readlines()[:200]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def beir_folder(tmp_path_factory):
+    """A tiny retrieval case: 2 queries, 4 documents, graded relevance."""
+    folder = tmp_path_factory.mktemp("beir")
+    docs = {"d1": "北京是中国的首都。", "d2": "上海是中国最大的城市。", "d3": "熊猫生活在四川。", "d4": "长城很长。"}
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}, ensure_ascii=False) + "\n"
+                                                 for k, v in docs.items()), encoding="utf-8")
+    (folder / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "中国的首都是哪里？"}, ensure_ascii=False) + "\n"
+                                          + json.dumps({"_id": "q2", "text": "熊猫住在哪里？"}, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+    (folder / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td2\t1\nq2\td3\t1\n")
+    return folder, docs
+
+
+def embeddings_of(cache: dict, texts: list[str]) -> np.ndarray:
+    """The embeddings mteb scored for exactly these texts (in this order)."""
+    return next(emb for t, emb in cache.values() if t == texts)
+
+
+def test_local_sts_equals_scipy_spearman_on_the_same_embeddings(tiny_model, sts_file, tmp_path):
+    from eval.local_tasks import local_task
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    scores, cache = cmteb.evaluate(model, [local_task(f"sts:{sts_file}")], [None], 64, "tiny", tmp_path)
+    rows = [json.loads(line) for line in open(sts_file, encoding="utf-8")]
+    a = embeddings_of(cache, [r["sentence1"] for r in rows])
+    b = embeddings_of(cache, [r["sentence2"] for r in rows])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    expected = spearmanr(cos, [r["score"] for r in rows]).statistic
+    # mteb takes 1 - sklearn's paired_cosine_distances in float32; its rounding reorders near-ties,
+    # which moves Spearman by ~1e-6 (measured 1.3e-6 here), far below a change of any real ranking
+    assert scores[None]["local-sts-sts"] == pytest.approx(expected, abs=1e-5)
+    # and the embeddings are the model's own
+    assert np.allclose(a, model.encode([r["sentence1"] for r in rows]), atol=1e-5)
+    assert (tmp_path / "dim32/local-sts-sts.json").is_file()
+
+
+def test_cli_writes_results_table(tiny_model, sts_file, tmp_path):
+    cmteb.main(["--model", str(tiny_model), "--local", f"sts:{sts_file}", "--output-dir", str(tmp_path)])
+    table = (tmp_path / "results.md").read_text()
+    assert "| local-sts-sts | STS |" in table and "**STS average** (1)" in table and "**average** (1 tasks)" in table
+
+
+def ndcg_at_10(ranked: list[str], relevance: dict[str, int]) -> float:
+    dcg = sum((2 ** relevance.get(d, 0) - 1) / math.log2(i + 2) for i, d in enumerate(ranked[:10]))
+    ideal = sorted(relevance.values(), reverse=True)
+    return dcg / sum((2 ** r - 1) / math.log2(i + 2) for i, r in enumerate(ideal[:10]))
+
+
+def test_local_retrieval_equals_ndcg_by_hand(tiny_model, beir_folder, tmp_path):
+    folder, docs = beir_folder
+    scores = cmteb.main(["--model", str(tiny_model), "--local", f"retrieval:{folder}", "--output-dir", str(tmp_path)])
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    ids = list(docs)
+    d = model.encode([docs[i] for i in ids], normalize_embeddings=True)
+    qrels = {"q1": {"d1": 2, "d2": 1}, "q2": {"d3": 1}}
+    queries = {"q1": "中国的首都是哪里？", "q2": "熊猫住在哪里？"}
+    by_hand = []
+    for qid, text in queries.items():
+        s = d @ model.encode([text], normalize_embeddings=True)[0]
+        by_hand.append(ndcg_at_10([ids[i] for i in np.argsort(-s, kind="stable")], qrels[qid]))
+    assert scores[None][f"local-retrieval-{folder.name}"] == pytest.approx(np.mean(by_hand), abs=1e-4)
+
+
+def test_dims_equal_a_model_loaded_with_truncate_dim(tiny_model, sts_file, beir_folder, tmp_path):
+    folder, _ = beir_folder
+    local = ["--local", f"sts:{sts_file}", "--local", f"retrieval:{folder}"]
+    together = cmteb.main(["--model", str(tiny_model), *local, "--dims", "8,32", "--output-dir", str(tmp_path / "a")])
+    import mteb
+    from eval.local_tasks import local_task
+    cut = SentenceTransformer(str(tiny_model), device="cpu", truncate_dim=8)
+    result = mteb.evaluate(mteb.models.sentence_transformer_wrapper.SentenceTransformerEncoderWrapper(cut),
+                           [local_task(f"sts:{sts_file}"), local_task(f"retrieval:{folder}")], cache=None)
+    alone = {r.task_name: r.get_score() for r in result.task_results}
+    assert together[8] == pytest.approx(alone, abs=1e-6)
+    assert together[8] != together[32]
+
+
+def test_card_update_is_idempotent(tiny_model, sts_file, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    args = ["--model", str(model), "--local", f"sts:{sts_file}", "--update-card"]
+    cmteb.main(args)
+    once = (model / "README.md").read_text()
+    cmteb.main(args)
+    assert (model / "README.md").read_text() == once
+    assert once.count("eval-table:start") == 1 and "local-sts-sts" in once
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/no/such/model", "--local", "x"], "not a local folder"),
+    (["--tasks", "NoSuchTask"], "unknown in MTEB(cmn, v1)"),
+    (["--task-types", "Poetry"], "unknown ['Poetry']"),
+    (["--local", "retrieval:{tmp}"], "needs corpus.jsonl, queries.jsonl and qrels.tsv"),
+    (["--dims", "999", "--local", "sts:{sts}"], "between 1 and the model's width 32"),
+])
+def test_clear_messages(tiny_model, sts_file, tmp_path, argv, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{sts}", str(sts_file)) for a in argv]
+    if "--model" not in argv:
+        argv = ["--model", str(tiny_model), *argv]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        cmteb.main(argv)
