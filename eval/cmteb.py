@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dims", default=None, help="comma-separated Matryoshka dims (default: the full width)")
     p.add_argument("--query-prompt", default=None)
     p.add_argument("--passage-prompt", default=None)
+    p.add_argument("--symmetric-prompt", default=None,
+                   help="prompt for both sides of STS, pair classification, classification and clustering "
+                        "(default: the query prompt, as e5 recommends; pass '' for BGE)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output-dir", default=None, help="default: MODEL/eval (or eval_results/ for a hub id)")
     p.add_argument("--update-card", action="store_true", help="write the results table into the model's README.md")
@@ -76,7 +79,11 @@ def select_tasks(args) -> list:
     return bench + tasks
 
 
-def caching_encoder(model, dim: int | None, cache: dict, name: str):
+SYMMETRIC_TYPES = ("STS", "PairClassification", "Classification", "MultilabelClassification", "Clustering",
+                   "BitextMining", "Summarization")
+
+
+def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_prompt: str | None = None):
     """An mteb encoder that computes each (texts, prompt) embedding once and serves its first `dim` columns."""
     from mteb.models.model_meta import ModelMeta
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
@@ -91,21 +98,24 @@ def caching_encoder(model, dim: int | None, cache: dict, name: str):
             full = cache[key][1]
             return full if dim is None else full[:, :dim]
 
-    prompts = {"query": model.prompts.get("query", ""), "document": model.prompts.get("document", "")}
+    query = model.prompts.get("query", "")
+    symmetric = query if symmetric_prompt is None else symmetric_prompt
+    prompts = {"query": query, "document": model.prompts.get("document", ""), **dict.fromkeys(SYMMETRIC_TYPES, symmetric)}
     encoder = CachedTruncated(model, model_prompts={k: v for k, v in prompts.items() if v})
     suffix = f"-dim{dim}" if dim else ""
     encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(name=f"local/{name}{suffix}", revision="local"))
     return encoder
 
 
-def evaluate(model, tasks: list, dims: list[int | None], batch_size: int, name: str, out: Path) -> tuple[dict, dict]:
+def evaluate(model, tasks: list, dims: list[int | None], batch_size: int, name: str, out: Path,
+             symmetric_prompt: str | None = None) -> tuple[dict, dict]:
     """mteb scores {dim: {task: main score}} and the embedding cache {key: (texts, full embeddings)}."""
     import mteb
     cache: dict = {}
     scores: dict[int | None, dict[str, float]] = {}
     width = model.get_embedding_dimension()
     for dim in dims:
-        encoder = caching_encoder(model, dim, cache, name)
+        encoder = caching_encoder(model, dim, cache, name, symmetric_prompt)
         result = mteb.evaluate(encoder, tasks, cache=None, encode_kwargs={"batch_size": batch_size})
         scores[dim] = {}
         for task_result in result.task_results:
@@ -160,7 +170,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--dims {args.dims}: each must be between 1 and the model's width {width}")
 
     out = Path(args.output_dir) if args.output_dir else (model_path / "eval" if model_path.exists() else Path("eval_results"))
-    scores, _ = evaluate(model, tasks, dims, args.batch_size, model_path.name, out)
+    scores, _ = evaluate(model, tasks, dims, args.batch_size, model_path.name, out, args.symmetric_prompt)
     table = results_table(scores, {t.metadata.name: t.metadata.type for t in tasks})
     (out / "results.md").write_text(table + "\n")
     print(table)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from train.data import DataError, PairStream, parse_record, rank_slice
+from train.data import DataError, PairStream, rank_slice
 
 DEMO = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
 

@@ -122,3 +122,17 @@ def test_clear_messages(tiny_model, sts_file, tmp_path, argv, message, monkeypat
         argv = ["--model", str(tiny_model), *argv]
     with pytest.raises(SystemExit, match=re.escape(message)):
         cmteb.main(argv)
+
+
+def test_symmetric_tasks_get_the_query_prompt_on_both_sides(tiny_model, sts_file, tmp_path):
+    """e5-style: STS is encoded with the query prompt (or --symmetric-prompt), never left bare by accident."""
+    from eval.local_tasks import local_task
+    model = SentenceTransformer(str(tiny_model), device="cpu", prompts={"query": "query: ", "passage": "passage: ",
+                                                                        "document": "passage: "})
+    rows = [json.loads(line) for line in open(sts_file, encoding="utf-8")]
+    first = [r["sentence1"] for r in rows]
+    _, cache = cmteb.evaluate(model, [local_task(f"sts:{sts_file}")], [None], 64, "tiny", tmp_path / "a")
+    assert np.allclose(embeddings_of(cache, first), model.encode(first, prompt="query: "), atol=1e-5)
+    _, cache = cmteb.evaluate(model, [local_task(f"sts:{sts_file}")], [None], 64, "tiny", tmp_path / "b",
+                              symmetric_prompt="")
+    assert np.allclose(embeddings_of(cache, first), model.encode(first), atol=1e-5)

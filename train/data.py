@@ -77,17 +77,23 @@ def _texts(value, what: str, allow_str: bool) -> list[str]:
     return [_text(v, f"{what}[{i}]") for i, v in enumerate(value)]
 
 
-def parse_record(line: str, num_negatives: int) -> tuple[str, list[str], list[str], list[str]]:
-    """(query, positives, negatives, ranked pool) of one JSONL line; ValueError says what is wrong."""
+def json_object(line: str, *required: str) -> dict:
+    """One JSONL line as a dict holding the required keys; ValueError says what is wrong."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    for key in ("query", "pos"):
+    for key in required:
         if key not in obj:
             raise ValueError(f"missing field '{key}' (fields: {', '.join(obj) or 'none'})")
+    return obj
+
+
+def parse_record(line: str, num_negatives: int) -> tuple[str, list[str], list[str], list[str]]:
+    """(query, positives, negatives, ranked pool) of one JSONL line; ValueError says what is wrong."""
+    obj = json_object(line, "query", "pos")
     query = _text(obj["query"], "query")
     pos = _texts(obj["pos"], "pos", allow_str=True)
     if not pos:

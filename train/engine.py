@@ -117,6 +117,28 @@ def set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
+def start_run(seed: int) -> tuple[int, int]:
+    """CPU threads, the process group (DeepSpeed picks nccl or gloo), seeds; returns (rank, world)."""
+    import deepspeed
+    import torch.distributed as dist
+    set_cpu_threads()
+    deepspeed.init_distributed()
+    seed_everything(seed)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def local_rank_zero_first(fn, *args, **kwargs):
+    """fn(...) on each node's local rank 0 first (it may build the offline model copy), then the rest."""
+    import torch.distributed as dist
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
+        dist.barrier()
+    result = fn(*args, **kwargs)
+    if first:
+        dist.barrier()
+    return result
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -15,7 +15,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -35,8 +34,8 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 from train.data import DataError, rank_slice  # noqa: E402
 from train.distributed import LOCAL  # noqa: E402
 from train.engine import (build_optimizer, check_export, encode, export_sentence_transformer,  # noqa: E402
-                          full_fp32_state_dict, latest_checkpoint, load_ds_config, save_checkpoint,
-                          seed_everything, set_cpu_threads)
+                          full_fp32_state_dict, latest_checkpoint, load_ds_config, local_rank_zero_first,
+                          save_checkpoint, start_run)
 from train.finetune_data import task_stream  # noqa: E402
 from train.losses import cbb  # noqa: E402
 from train.losses.matryoshka import matryoshka  # noqa: E402
@@ -182,11 +181,8 @@ def tasks_this_step(tasks: list[Task], rank: int, step: int, args) -> list[Task]
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    set_cpu_threads()
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_run(args.seed)
     is_main = rank == 0
-    seed_everything(args.seed)
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
 
     # --- tasks: validated, ranks assigned and data opened before the model is even loaded
@@ -203,11 +199,8 @@ def main(argv=None) -> None:
 
     # --- model (+ expansion layer)
     model_name = args.model or (str(PRETRAINED) if (PRETRAINED / "modules.json").is_file() else DEFAULT_MODEL)
-    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
-        dist.barrier()
-    model, model_source, local_only = load_model(model_name, max_length=args.max_length, pooling=args.pooling)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        dist.barrier()
+    model, model_source, local_only = local_rank_zero_first(load_model, model_name, max_length=args.max_length,
+                                                            pooling=args.pooling)
     expand, dims, weights = resolve_dims(args, model.get_embedding_dimension())
     if expand:
         model = add_expansion_layer(model, expand, seed=args.seed)

@@ -9,13 +9,12 @@ each text needs a same-label text as its positive and other-label texts as its n
 """
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .data import DataError, Example, JsonlStream, PairStream, SkipReport, _text, read_examples
+from .data import DataError, Example, JsonlStream, PairStream, SkipReport, _text, json_object, read_examples
 from .tasks import Task
 
 
@@ -27,25 +26,8 @@ class StsExample:
     source: str
 
 
-def _json_object(line: str) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _require(obj: dict, *keys: str) -> None:
-    for key in keys:
-        if key not in obj:
-            raise ValueError(f"missing field '{key}' (fields: {', '.join(obj) or 'none'})")
-
-
 def make_sts(line: str, rng: random.Random, source: str) -> StsExample:
-    obj = _json_object(line)
-    _require(obj, "sentence1", "sentence2", "score")
+    obj = json_object(line, "sentence1", "sentence2", "score")
     score = obj["score"]
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         raise ValueError(f"'score' must be a number, got {score!r}")
@@ -57,8 +39,7 @@ def sts_length(ex: StsExample, cap: int) -> tuple[int, int]:
 
 
 def parse_labelled(line: str, rng: random.Random, source: str) -> tuple[str, str, str]:
-    obj = _json_object(line)
-    _require(obj, "text", "label")
+    obj = json_object(line, "text", "label")
     label = obj["label"]
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise ValueError(f"'label' must be a string or an integer, got {label!r}")

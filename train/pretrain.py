@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 from train.data import DataError, PairStream, rank_slice  # noqa: E402
 from train.distributed import all_reduce_sum  # noqa: E402
 from train.engine import (build_optimizer, check_export, encode, export_sentence_transformer,  # noqa: E402
-                          full_fp32_state_dict, latest_checkpoint, load_ds_config, save_checkpoint,
-                          seed_everything, set_cpu_threads)
+                          full_fp32_state_dict, latest_checkpoint, load_ds_config, local_rank_zero_first,
+                          save_checkpoint, start_run)
 from train.losses import InfoNCELoss  # noqa: E402
 from train.model import DEFAULT_MODEL, load_model, set_pooling  # noqa: E402
 
@@ -81,19 +80,13 @@ def expand_files(items: list[str]) -> list[Path]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    set_cpu_threads()
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_run(args.seed)
     is_main = rank == 0
-    seed_everything(args.seed)
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
 
     # --- model: the first local rank builds any offline copy, the others then load it
-    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
-        dist.barrier()
-    model, model_source, local_only = load_model(args.model, max_length=args.max_length, pooling=args.pooling)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        dist.barrier()
+    model, model_source, local_only = local_rank_zero_first(load_model, args.model, max_length=args.max_length,
+                                                            pooling=args.pooling)
     query_prompt = args.query_prompt if args.query_prompt is not None else model.prompts.get("query", "")
     passage_prompt = args.passage_prompt if args.passage_prompt is not None else model.prompts.get("passage", "")
 
