@@ -24,9 +24,10 @@ def launch(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600, c
 
 
 def deepspeed_launch(script: str | Path, *args: str, num_gpus: int = 2, timeout: int = 600,
-                     check: bool = True) -> subprocess.CompletedProcess:
+                     check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N script ...`, exactly as a user runs it (CPU ranks here)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           **(env or {})}
     cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(29500 + os.getpid() % 1000),
            str(script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -62,21 +62,72 @@ def build_optimizer(params, cfg: dict, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=torch.cuda.is_available())
 
 
+def complete_checkpoints(ckpt_dir: Path) -> list[str]:
+    """Tags of the checkpoints whose save finished (marker written last), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [d.name for d in ckpt_dir.iterdir() if d.is_dir() and (d / "complete").is_file()]
+    return sorted(tags, key=lambda t: int(t.removeprefix("step")) if t.removeprefix("step").isdigit() else -1)
+
+
 def latest_checkpoint(ckpt_dir: Path) -> str | None:
-    """The tag DeepSpeed recorded in `latest`, if that checkpoint is complete."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (ckpt_dir / tag / "complete").is_file() else None
+    """The newest complete checkpoint. DeepSpeed's own `latest` file is not trusted: it is written
+    before a save has finished, so after a kill mid-save it can name a half-written checkpoint."""
+    tags = complete_checkpoints(ckpt_dir)
+    return tags[-1] if tags else None
 
 
-def save_checkpoint(engine, ckpt_dir: Path, tag: str, client_state: dict) -> None:
-    """DeepSpeed checkpoint plus a 'complete' marker written last (a kill mid-save leaves no marker)."""
+def save_checkpoint(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int = 0) -> None:
+    """DeepSpeed checkpoint + every rank's RNG states, then a 'complete' marker; keeps the newest `keep`."""
+    import shutil
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    torch.save(rng_states(), ckpt_dir / tag / f"rng_rank{engine.global_rank}.pt")
+    torch.distributed.barrier()
     if engine.global_rank == 0:
         (ckpt_dir / tag / "complete").write_text("ok\n")
+        if keep > 0:
+            for old in complete_checkpoints(ckpt_dir)[:-keep]:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     torch.distributed.barrier()
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng_states(ckpt_dir: Path, tag: str, rank: int) -> None:
+    """Put back this rank's RNG states (dropout, sampling) as they were when the checkpoint was saved."""
+    path = ckpt_dir / tag / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} is missing: the checkpoint was saved with another number of ranks")
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume(engine, ckpt_dir: Path, resume_arg: str | None) -> dict | None:
+    """Load the checkpoint named by --resume ('auto': the newest complete one); returns its client state."""
+    if not resume_arg:
+        return None
+    if resume_arg == "auto":
+        tag = latest_checkpoint(ckpt_dir)
+        if tag is None:
+            return None  # nothing saved yet: a fresh start
+        load_dir = ckpt_dir
+    else:
+        path = Path(resume_arg)
+        if not (path / "complete").is_file():
+            raise SystemExit(f"--resume {path}: not a complete checkpoint (no 'complete' marker)")
+        load_dir, tag = path.parent, path.name
+    _, client = engine.load_checkpoint(str(load_dir), tag=tag)
+    restore_rng_states(load_dir, tag, engine.global_rank)
+    if engine.global_rank == 0:
+        print(f"resumed from {load_dir / tag} at step {client['step']}")
+    return client
 
 
 def full_fp32_state_dict(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | None:
@@ -117,12 +168,18 @@ def set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
-def start_run(seed: int) -> tuple[int, int]:
-    """CPU threads, the process group (DeepSpeed picks nccl or gloo), seeds; returns (rank, world)."""
+def start_run(seed: int, timeout_minutes: float = 30) -> tuple[int, int]:
+    """CPU threads, the process group (DeepSpeed picks nccl or gloo), seeds; returns (rank, world).
+
+    The timeout bounds how long a collective waits for a rank that died (the launchers also stop
+    every rank when one exits, on one node).
+    """
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
     set_cpu_threads()
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     seed_everything(seed)
     return dist.get_rank(), dist.get_world_size()
 
@@ -137,6 +194,38 @@ def local_rank_zero_first(fn, *args, **kwargs):
     if first:
         dist.barrier()
     return result
+
+
+def end_run() -> None:
+    """Leave together and exit now: a ZeRO-3 run resumed from a checkpoint can otherwise abort in
+    interpreter teardown and turn a finished run into a failed one."""
+    import sys
+
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def finite_on_all_ranks(loss: torch.Tensor) -> bool:
+    """False if the loss is NaN or Inf on any rank (one all-reduce of a flag): then every rank skips the step."""
+    import torch.distributed as dist
+    flag = torch.tensor(float(torch.isfinite(loss.detach()).all()), device=loss.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def test_hooks(step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
+    """Fault injection for the reliability tests (environment variables; no effect otherwise)."""
+    if os.environ.get("CONAN_TEST_KILL") == f"{rank}:{step}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    nan_steps = os.environ.get("CONAN_TEST_NAN", "")
+    if nan_steps and f"{rank}:{step}" in nan_steps.split(","):
+        return loss * float("nan")
+    return loss
 
 
 def seed_everything(seed: int) -> None:

@@ -34,7 +34,8 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 from train.data import DataError, rank_slice  # noqa: E402
 from train.distributed import LOCAL  # noqa: E402
 from train.engine import (build_optimizer, check_export, encode, export_sentence_transformer,  # noqa: E402
-                          full_fp32_state_dict, latest_checkpoint, load_ds_config, local_rank_zero_first,
+                          end_run, finite_on_all_ranks, test_hooks,
+                          full_fp32_state_dict, load_ds_config, resume, local_rank_zero_first,
                           save_checkpoint, start_run)
 from train.finetune_data import task_stream  # noqa: E402
 from train.losses import cbb  # noqa: E402
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--save-steps", type=int, default=500)
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint dir")
+    p.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep (0: all)")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many NaN/Inf losses in a row")
+    p.add_argument("--dist-timeout", type=float, default=30, help="minutes a collective waits for a lost rank")
     p.add_argument("--stop-at-step", type=int, default=0,
                    help="stop as if preempted after saving this step's checkpoint (to test --resume)")
     p.add_argument("--log-steps", type=int, default=10)
@@ -181,7 +185,7 @@ def tasks_this_step(tasks: list[Task], rank: int, step: int, args) -> list[Task]
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world = start_run(args.seed)
+    rank, world = start_run(args.seed, args.dist_timeout)
     is_main = rank == 0
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
 
@@ -227,10 +231,8 @@ def main(argv=None) -> None:
 
     miners = {t.name: HardNegativeMiner(t.num_negatives, MiningRule(**t.mining)) for t in tasks if t.mining}
     step, positions = 0, {t.name: {"epoch": 0, "batch": 0} for t in tasks}
-    resume_from = latest_checkpoint(ckpt_dir) if args.resume == "auto" else args.resume
-    if resume_from:
-        load_dir = ckpt_dir if args.resume == "auto" else Path(args.resume).parent
-        _, client = engine.load_checkpoint(str(load_dir), tag=Path(resume_from).name)
+    client = resume(engine, ckpt_dir, args.resume)
+    if client:
         step, positions = client["step"], client["positions"]
         miners = {name: HardNegativeMiner.from_state_dict(m) for name, m in client.get("mining", {}).items()}
     batches = {t.name: task_batches(streams[t.name], positions[t.name]) for t in tasks}
@@ -248,11 +250,15 @@ def main(argv=None) -> None:
     engine.train()
     names = [t.name for t in tasks]
     sums, tokens, t_log = torch.zeros(2 * len(tasks), dtype=torch.float64), 0, time.time()
+    bad_in_a_row, skipped_steps, attempt = 0, 0, 0
     try:
         while step < total_steps:
-            total, mined = None, {}
+            total, mined, sources = None, {}, []
+            attempt += 1
             for task in tasks_this_step(tasks, rank, step, args):
-                loss, n_tokens, scores = task_loss(task, next(batches[task.name]), embed, groups[task.name], rank,
+                global_batch = next(batches[task.name])
+                sources += [ex.source for ex in global_batch]
+                loss, n_tokens, scores = task_loss(task, global_batch, embed, groups[task.name], rank,
                                                    dims, weights, args, miners.get(task.name))
                 mined[task.name] = scores
                 scaled = cbb.task_scale(task.weight, world, len(task.assigned)) * loss
@@ -261,6 +267,16 @@ def main(argv=None) -> None:
                 sums[i] += loss.item() / len(task.assigned)  # each task rank holds 1/N of the task's mean
                 sums[len(tasks) + i] += 1.0 / len(task.assigned)
                 tokens += n_tokens
+            total = test_hooks(attempt, rank, total)
+            if not finite_on_all_ranks(total):  # skip the step on every rank together
+                bad_in_a_row, skipped_steps = bad_in_a_row + 1, skipped_steps + 1
+                if bad_in_a_row >= args.max_bad_steps:
+                    raise SystemExit(f"loss is NaN or Inf for {bad_in_a_row} batches in a row (step {step + 1}); "
+                                     f"this rank's last batch: {', '.join(sources[:20])}")
+                if is_main:
+                    bar.write(f"step {step + 1}: NaN/Inf loss, step skipped on all ranks ({skipped_steps} so far)")
+                continue
+            bad_in_a_row = 0
             engine.backward(total)
             engine.step()
             step += 1
@@ -295,19 +311,19 @@ def main(argv=None) -> None:
                 tokens, t_log = 0, time.time()
             bar.update(1)
             if (step % args.save_steps == 0 or step == args.stop_at_step) and step < total_steps:
-                save_checkpoint(engine, ckpt_dir, f"step{step}", checkpoint_state(step, positions, miners, tasks, world))
+                save_checkpoint(engine, ckpt_dir, f"step{step}", checkpoint_state(step, positions, miners, tasks, world),
+                                args.keep)
             if step == args.stop_at_step:
                 if is_main:
                     print(f"stopped at step {step} (--stop-at-step); resume with --resume auto")
-                dist.barrier()
-                return
+                end_run()
     except DataError as e:
         raise SystemExit(f"data error: {e}\n(pass --skip-bad-lines to skip and count such lines)") from None
     bar.close()
 
     # --- export the release folder
     tag = f"step{step}"
-    save_checkpoint(engine, ckpt_dir, tag, checkpoint_state(step, positions, miners, tasks, world))
+    save_checkpoint(engine, ckpt_dir, tag, checkpoint_state(step, positions, miners, tasks, world), args.keep)
     state_dict = full_fp32_state_dict(engine, ckpt_dir, tag)
     first = tasks[0]
     probe_texts = ["如何训练中文向量模型？", "导出检查：这句话用来比较训练引擎和导出的模型。"]
@@ -332,11 +348,13 @@ def main(argv=None) -> None:
             plot_history(miner, out_dir / f"mining_{name}.png")
         write_model_card(out_dir / "final", base_model=model_name, tasks=tasks, dims=dims, expand=expand,
                          args=vars(args), steps=step, world=world)
+        if skipped_steps:
+            print(f"skipped {skipped_steps} steps with a NaN or Inf loss")
         print(f"done: {step} steps; release folder {out_dir / 'final'}")
         if args.push_to_hub:
             print(f"pushed to {push_to_hub(out_dir / 'final', args.push_to_hub)}")
         writer.close()
-    dist.barrier()
+    end_run()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ if str(ROOT) not in sys.path:  # `deepspeed train/pretrain.py` puts train/ on th
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import get_linear_schedule_with_warmup  # noqa: E402
@@ -30,7 +29,8 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 from train.data import DataError, PairStream, rank_slice  # noqa: E402
 from train.distributed import all_reduce_sum  # noqa: E402
 from train.engine import (build_optimizer, check_export, encode, export_sentence_transformer,  # noqa: E402
-                          full_fp32_state_dict, latest_checkpoint, load_ds_config, local_rank_zero_first,
+                          end_run, finite_on_all_ranks, test_hooks,
+                          full_fp32_state_dict, load_ds_config, resume, local_rank_zero_first,
                           save_checkpoint, start_run)
 from train.losses import InfoNCELoss  # noqa: E402
 from train.model import DEFAULT_MODEL, load_model, set_pooling  # noqa: E402
@@ -64,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad JSONL lines instead of stopping")
     p.add_argument("--save-steps", type=int, default=500)
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
+    p.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep (0: all)")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many NaN/Inf losses in a row")
+    p.add_argument("--dist-timeout", type=float, default=30, help="minutes a collective waits for a lost rank")
+    p.add_argument("--trace-examples", action="store_true", help="write the examples of every step to OUTPUT_DIR/trace/")
     p.add_argument("--log-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
@@ -80,7 +84,7 @@ def expand_files(items: list[str]) -> list[Path]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world = start_run(args.seed)
+    rank, world = start_run(args.seed, args.dist_timeout)
     is_main = rank == 0
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
 
@@ -114,13 +118,9 @@ def main(argv=None) -> None:
     loss_fn = InfoNCELoss(args.temperature)
 
     step, epoch, batch_in_epoch = 0, 0, 0
-    resume_from = latest_checkpoint(ckpt_dir) if args.resume == "auto" else args.resume
-    if resume_from:
-        load_dir = ckpt_dir if args.resume == "auto" else Path(args.resume).parent
-        _, client = engine.load_checkpoint(str(load_dir), tag=Path(resume_from).name)
+    client = resume(engine, ckpt_dir, args.resume)
+    if client:
         step, epoch, batch_in_epoch = client["step"], client["epoch"], client["batch_in_epoch"]
-        if is_main:
-            print(f"resumed from {load_dir / Path(resume_from).name} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
     writer = None
     if is_main:
@@ -134,6 +134,15 @@ def main(argv=None) -> None:
     # --- the loop
     engine.train()
     tokens, t_log, loss_sum, probe_texts = 0, time.time(), 0.0, None
+    bad_in_a_row, skipped_steps, attempt = 0, 0, 0
+    trace = None
+    if args.trace_examples:  # which examples each step trained on; cut back to the checkpoint on resume
+        path = out_dir / "trace" / f"rank{rank}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if int(line.split("\t")[0]) <= step] if path.is_file() else []
+        path.write_text("".join(kept))
+        trace = open(path, "a", encoding="utf-8")
     try:
         while step < total_steps and (args.max_steps or epoch < args.epochs):
             for global_batch in itertools.islice(stream.epoch(epoch), batch_in_epoch, None):
@@ -143,10 +152,23 @@ def main(argv=None) -> None:
                 p, p_tokens = encode(engine, model, [ex.pos for ex in batch], passage_prompt, device)
                 n, n_tokens = (encode(engine, model, [t for ex in batch for t in ex.neg], passage_prompt, device)
                                if args.num_negatives else (None, 0))
-                loss = loss_fn(q, p, n)
+                attempt, batch_in_epoch = attempt + 1, batch_in_epoch + 1
+                loss = test_hooks(attempt, rank, loss_fn(q, p, n))
+                if not finite_on_all_ranks(loss):  # skip the step on every rank together
+                    bad_in_a_row, skipped_steps = bad_in_a_row + 1, skipped_steps + 1
+                    if bad_in_a_row >= args.max_bad_steps:
+                        raise SystemExit(f"loss is NaN or Inf for {bad_in_a_row} batches in a row (step {step + 1}); "
+                                         f"this rank's last batch: {', '.join(ex.source for ex in batch)}")
+                    if is_main:
+                        bar.write(f"step {step + 1}: NaN/Inf loss, step skipped on all ranks ({skipped_steps} so far)")
+                    continue
+                bad_in_a_row = 0
                 engine.backward(loss)
                 engine.step()
-                step, batch_in_epoch = step + 1, batch_in_epoch + 1
+                step += 1
+                if trace:
+                    trace.write("".join(f"{step}\t{ex.source}\n" for ex in batch))
+                    trace.flush()
                 tokens += q_tokens + p_tokens + n_tokens
                 loss_sum += loss.item()
 
@@ -165,7 +187,7 @@ def main(argv=None) -> None:
                 bar.update(1)
                 if step % args.save_steps == 0 and step < total_steps:
                     save_checkpoint(engine, ckpt_dir, f"step{step}",
-                                    dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch))
+                                    dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch), args.keep)
                 if step >= total_steps:
                     break
             else:  # the epoch ran out
@@ -176,7 +198,7 @@ def main(argv=None) -> None:
 
     # --- export: a final checkpoint, its fp32 weights, a sentence-transformers folder
     tag = f"step{step}"
-    save_checkpoint(engine, ckpt_dir, tag, dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch))
+    save_checkpoint(engine, ckpt_dir, tag, dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch), args.keep)
     state_dict = full_fp32_state_dict(engine, ckpt_dir, tag)
     probe_texts = probe_texts or ["导出检查：这句话用来比较训练引擎和导出的模型。"]  # resumed with no step left
     engine.eval()
@@ -191,9 +213,11 @@ def main(argv=None) -> None:
         if stream.skipped.total:
             print(f"skipped {stream.skipped.total} bad lines: {dict(stream.skipped.reasons)}; "
                   f"first: {stream.skipped.examples[:3]}")
+        if skipped_steps:
+            print(f"skipped {skipped_steps} steps with a NaN or Inf loss")
         print(f"done: {step} steps; model saved to {out_dir / 'final'}")
         writer.close()
-    dist.barrier()
+    end_run()
 
 
 if __name__ == "__main__":
