@@ -32,6 +32,7 @@ def test_finetune_runs_and_exports_a_matryoshka_model(tiny_model, tmp_path, rank
     card = ModelCard.load(final / "README.md")
     assert card.data.library_name == "sentence-transformers" and "matryoshka" in card.data.tags
     assert card.data.pipeline_tag == "sentence-similarity" and card.data.language == "zh"
+    assert card.data.base_model is None  # a local base path is never put in the Hub metadata
     assert "16, 32, 48" in card.text and EVAL_START in card.text
     assert list(final.glob("*.safetensors")) and (final / "modules.json").is_file()
     modules = [m["type"] for m in json.loads((final / "modules.json").read_text())]

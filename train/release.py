@@ -67,17 +67,22 @@ def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int]
     from huggingface_hub import ModelCard, ModelCardData
 
     config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    repo_id = repo_id or args.get("push_to_hub")
+    name = repo_id.split("/")[-1] if repo_id else folder.resolve().parent.name  # OUTPUT_DIR/final -> OUTPUT_DIR
+    root = Path(__file__).resolve().parent.parent
+    if Path(base_model).is_absolute() and Path(base_model).is_relative_to(root):
+        base_model = str(Path(base_model).relative_to(root))  # no machine-specific paths in a public card
     prompts = config.get("prompts", {})
     width = expand or _embedding_width(folder)
     card_data = ModelCardData(
         language="zh", license="apache-2.0", library_name="sentence-transformers",
-        pipeline_tag="sentence-similarity", model_name=folder.name,
-        base_model=base_model if "/" in base_model and not Path(base_model).exists() else None,
+        pipeline_tag="sentence-similarity", model_name=name,
+        base_model=base_model if _is_hub_id(base_model) else None,  # the Hub wants an id, not a local path
         tags=["sentence-transformers", "sentence-similarity", "feature-extraction", "conan-embedding"]
         + (["matryoshka"] if dims else []))
     card = ModelCard.from_template(
-        card_data, template_str=CARD_TEMPLATE, model_name=args.get("output_dir", folder.name),
-        repo_id=repo_id or args.get("push_to_hub") or str(folder), base_model=base_model,
+        card_data, template_str=CARD_TEMPLATE, model_name=name,
+        repo_id=repo_id or str(folder), base_model=base_model,
         query_prompt=prompts.get("query", ""), passage_prompt=prompts.get("passage", ""),
         dims=dims, width=width, expand=expand, schedule=args.get("task_schedule", "cbb"), steps=steps,
         world=world, lr=args.get("lr"), temperature=args.get("temperature"),
@@ -88,6 +93,11 @@ def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int]
     path = folder / "README.md"
     card.save(path)
     return path
+
+
+def _is_hub_id(name: str) -> bool:
+    import re
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
 
 
 def _embedding_width(folder: Path) -> int:
