@@ -89,6 +89,12 @@ class Scorer:
             self.model.stop_multi_process_pool(self.pool)
 
 
+def all_gpus() -> list[str] | None:
+    import torch
+    n = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(n)] if n > 1 else None
+
+
 def _crash_point(chunk_index: int) -> None:
     """Test hook: die like a SIGKILL after writing a chunk's output but before recording progress."""
     if os.environ.get("CONAN_FILTER_CRASH_AFTER_CHUNK") == str(chunk_index):
@@ -123,7 +129,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--scores-output", default=None, help="also write {where, scores} per line")
     ap.add_argument("--chunk-size", type=int, default=20_000, help="pairs read, scored and written at a time")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--devices", default=None, help="comma-separated, e.g. cuda:0,cuda:1 or cpu,cpu (one process each)")
+    ap.add_argument("--devices", default="auto",
+                    help="comma-separated, e.g. cuda:0,cuda:1 or cpu,cpu (one process each); auto: every GPU, else one CPU process")
     ap.add_argument("--query-prompt", default=None)
     ap.add_argument("--passage-prompt", default=None)
     ap.add_argument("--skip-bad", action="store_true", help="skip and count bad lines instead of stopping")
@@ -145,7 +152,7 @@ def main(argv=None) -> dict:
     if state["lines_done"]:
         print(f"resuming after {state['lines_done']} input lines ({state['chunks']} chunks)")
 
-    devices = args.devices.split(",") if args.devices else None
+    devices = all_gpus() if args.devices == "auto" else args.devices.split(",")
     scorer = Scorer(args.model, devices, args.batch_size, args.query_prompt, args.passage_prompt)
     skipped: list[str] = []
     t0, pairs_this_run = time.time(), 0

@@ -58,3 +58,11 @@ def test_bad_config_stops_before_training(tiny_model, tmp_path):
     assert proc.returncode != 0
     assert "config error: task 'r':" in output and "sts.jsonl:1: missing field 'query'" in output
     assert "Traceback" not in output and "finetune:" not in output  # no training step was taken
+
+
+def test_random_task_schedule_baseline_runs_one_task_per_step(tiny_model, tmp_path):
+    proc = deepspeed_launch(FINETUNE, "--model", str(tiny_model), "--output-dir", str(tmp_path / "r"), "--max-steps", "4",
+                            "--log-steps", "1", "--expand-dim", "0", "--mrl-dims", "none", "--task-schedule", "random")
+    assert "(random)" in proc.stdout and "done: 4 steps" in proc.stdout
+    # every task is held by every rank; each step only one of them runs (one loss in the postfix per step)
+    assert "retrieval (retrieval) x8 w=1 on ranks [0, 1]" in proc.stdout

@@ -213,6 +213,9 @@ def main(argv=None) -> None:
         if stream.skipped.total:
             print(f"skipped {stream.skipped.total} bad lines: {dict(stream.skipped.reasons)}; "
                   f"first: {stream.skipped.examples[:3]}")
+        if stream.dropped:
+            print(f"the last {stream.dropped} examples of the epoch did not fill a global batch of "
+                  f"{stream.global_batch} and were not used")
         if skipped_steps:
             print(f"skipped {skipped_steps} steps with a NaN or Inf loss")
         print(f"done: {step} steps; model saved to {out_dir / 'final'}")
