@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from train.data import DataError, parse_record  # noqa: E402
+from train.data import DataError, parse_record, read_examples  # noqa: E402
 
 
 def normalize_text(text: str) -> str:
@@ -40,16 +40,13 @@ def normalize_text(text: str) -> str:
 
 
 def read_retrieval(path: Path) -> list[dict]:
-    rows = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                query, pos, neg, _ = parse_record(raw.decode("utf-8"), 0)
-            except (UnicodeDecodeError, ValueError) as e:
-                raise DataError(f"{path}:{line_no}: {'not valid UTF-8' if isinstance(e, UnicodeDecodeError) else e}") from None
-            rows.append({"query": query, "pos": pos, "neg": neg})
+    """{query, pos, neg} rows; a bad line raises DataError naming the file and line."""
+    def make(line: str, rng, source: str) -> dict:
+        query, pos, neg, _ = parse_record(line, 0)
+        return {"query": query, "pos": pos, "neg": neg}
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = list(read_examples(path, make, None, None))
     if not rows:
         raise DataError(f"{path}: no examples")
     return rows

@@ -9,18 +9,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# DeepSpeed has no "auto" of its own (that is the HF Trainer's); we resolve these keys from flags.
-AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-             "gradient_clipping")
-
-
 def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: float,
                    precision: str = "auto") -> dict:
-    """A ds_configs/*.json file with its "auto" values filled in; precision: auto | bf16 | fp32."""
+    """A ds_configs/*.json file with its "auto" values filled in; precision: auto | bf16 | fp32.
+
+    DeepSpeed has no "auto" of its own (that is the HF Trainer's): batch sizes come from the flags
+    and the rank count, gradient_clipping from --max-grad-norm, bf16 from --precision.
+    """
     try:
         cfg = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -43,7 +42,8 @@ def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: fl
     use_bf16 = {"auto": bf16_supported(), "bf16": True, "fp32": False}[precision]
     if cfg.get("bf16", {}).get("enabled", "auto") == "auto" or precision != "auto":
         cfg["bf16"] = {"enabled": use_bf16}
-    cfg.pop("fp16", None) if not use_bf16 else None
+    if use_bf16:
+        cfg.pop("fp16", None)  # DeepSpeed refuses a config with both enabled
     if offloads_optimizer(cfg) and not torch.cuda.is_available():
         cfg["zero_force_ds_cpu_optimizer"] = False  # on a CPU machine torch's AdamW is the CPU optimizer
     return cfg
