@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from data_prep.filter_pairs import Scorer  # noqa: E402
-from train.model import DEFAULT_MODEL  # noqa: E402
+from data_prep.filter_pairs import Scorer
+from train.model import DEFAULT_MODEL
 
 
 def plain_loop(model, queries, passages, qp, pp, batch: int = 32) -> np.ndarray:

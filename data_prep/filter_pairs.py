@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from train.data import DataError, json_object, _texts, _text  # noqa: E402
+from train.data import DataError, json_object, _texts, _text
 
 BINS = np.linspace(-1.0, 1.0, 41)
 

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from train.data import DataError  # noqa: E402
+from train.data import DataError
 
 USER, ASSISTANT = {"human", "user"}, {"gpt", "assistant", "bot", "model"}
 

@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from train.data import DataError, parse_record, read_examples  # noqa: E402
+from train.data import DataError, parse_record, read_examples
 
 
 def normalize_text(text: str) -> str:

@@ -15,17 +15,14 @@ type with the C-MTEB-style average), and with --update-card that table in the mo
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 BENCHMARK = "MTEB(cmn, v1)"
 
@@ -91,7 +88,7 @@ def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_pr
     class CachedTruncated(SentenceTransformerEncoderWrapper):
         def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
             texts = [t for batch in inputs for t in batch["text"]]
-            key = hashlib.sha1(json.dumps([task_metadata.name, str(prompt_type), texts]).encode()).hexdigest()
+            key = (task_metadata.name, str(prompt_type), hashlib.sha1(json.dumps(texts).encode()).hexdigest())
             if key not in cache:  # (texts, full-width embeddings): the texts let tests find what was scored
                 cache[key] = (texts, np.asarray(super().encode(inputs, task_metadata=task_metadata, hf_split=hf_split,
                                                                hf_subset=hf_subset, prompt_type=prompt_type, **kwargs)))
@@ -108,22 +105,33 @@ def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_pr
 
 
 def evaluate(model, tasks: list, dims: list[int | None], batch_size: int, name: str, out: Path,
-             symmetric_prompt: str | None = None) -> tuple[dict, dict]:
-    """mteb scores {dim: {task: main score}} and the embedding cache {key: (texts, full embeddings)}."""
+             symmetric_prompt: str | None = None,
+             on_task_end: Callable[[str, dict], None] | None = None) -> dict[int | None, dict[str, float]]:
+    """mteb scores {dim: {task: main score}}, task by task.
+
+    Each task's texts are encoded once at full width and every dimension is scored from those
+    embeddings; the cache is dropped before the next task, so memory holds one task's embeddings
+    (not all of C-MTEB's retrieval corpora at 1792 dims). `on_task_end(task, cache)` sees each
+    task's cache {(task, prompt type, hash): (texts, embeddings)} before it is freed.
+    """
     import mteb
-    cache: dict = {}
-    scores: dict[int | None, dict[str, float]] = {}
+    scores: dict[int | None, dict[str, float]] = {dim: {} for dim in dims}
     width = model.get_embedding_dimension()
-    for dim in dims:
-        encoder = caching_encoder(model, dim, cache, name, symmetric_prompt)
-        result = mteb.evaluate(encoder, tasks, cache=None, encode_kwargs={"batch_size": batch_size})
-        scores[dim] = {}
-        for task_result in result.task_results:
-            scores[dim][task_result.task_name] = task_result.get_score()
-            path = out / f"dim{dim or width}" / f"{task_result.task_name}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(task_result.model_dump_json(indent=2))
-    return scores, cache
+    for task in tasks:
+        cache: dict = {}
+        for dim in dims:
+            encoder = caching_encoder(model, dim, cache, name, symmetric_prompt)
+            result = mteb.evaluate(encoder, [task], cache=None, encode_kwargs={"batch_size": batch_size})
+            for task_result in result.task_results:
+                scores[dim][task_result.task_name] = task_result.get_score()
+                path = out / f"dim{dim or width}" / f"{task_result.task_name}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(task_result.model_dump_json(indent=2))
+        if on_task_end:
+            on_task_end(task.metadata.name, cache)
+        del cache, encoder, result
+        gc.collect()
+    return scores
 
 
 def results_table(scores: dict[int | None, dict[str, float]], types: dict[str, str]) -> str:
@@ -170,7 +178,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--dims {args.dims}: each must be between 1 and the model's width {width}")
 
     out = Path(args.output_dir) if args.output_dir else (model_path / "eval" if model_path.exists() else Path("eval_results"))
-    scores, _ = evaluate(model, tasks, dims, args.batch_size, model_path.name, out, args.symmetric_prompt)
+    scores = evaluate(model, tasks, dims, args.batch_size, model_path.name, out, args.symmetric_prompt)
     table = results_table(scores, {t.metadata.name: t.metadata.type for t in tasks})
     (out / "results.md").write_text(table + "\n")
     print(table)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tests.conftest import ROOT
-from train.engine import load_ds_config
+from train.ds_config import load_ds_config
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])

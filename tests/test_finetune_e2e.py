@@ -17,13 +17,14 @@ def test_finetune_runs_and_exports_a_matryoshka_model(tiny_model, tmp_path, rank
     out = tmp_path / "ft"
     proc = deepspeed_launch(FINETUNE, "--model", str(tiny_model), "--output-dir", str(out), "--max-steps", "3",
                             "--log-steps", "1", "--expand-dim", "48", "--mrl-dims", "16,32,48", "--lr", "1e-3",
-                            num_gpus=ranks)
+                            "--max-length", "32", num_gpus=ranks)
     assert "export check: reloaded model matches the engine" in proc.stdout
     final = out / "final"
     check = torch.load(out / "export_check.pt")
 
     full = SentenceTransformer(str(final), device="cpu")
     assert full.get_embedding_dimension() == 48
+    assert full.max_seq_length == 64  # trained at 32 tokens; the release keeps the base model's length
     emb = full.encode(check["texts"], prompt=check["prompt"], convert_to_tensor=True)
     assert (emb - check["embeddings"]).abs().max() < 1e-5
     cut = SentenceTransformer(str(final), device="cpu", truncate_dim=16)
@@ -34,9 +35,33 @@ def test_finetune_runs_and_exports_a_matryoshka_model(tiny_model, tmp_path, rank
     assert card.data.pipeline_tag == "sentence-similarity" and card.data.language == "zh"
     assert card.data.base_model is None  # a local base path is never put in the Hub metadata
     assert "16, 32, 48" in card.text and EVAL_START in card.text
+    assert "| training length | 32 tokens" in card.text and "| inference length | 64 tokens" in card.text
     assert list(final.glob("*.safetensors")) and (final / "modules.json").is_file()
     modules = [m["type"] for m in json.loads((final / "modules.json").read_text())]
     assert any(t.endswith("Dense") for t in modules)
+
+
+def test_a_fine_tuned_model_fine_tunes_again_with_the_default_flags(tiny_model, tmp_path):
+    """Round two (or a released Conan-style model): the expansion layer is found and kept, not re-added."""
+    first, second = tmp_path / "one", tmp_path / "two"
+    deepspeed_launch(FINETUNE, "--model", str(tiny_model), "--output-dir", str(first), "--max-steps", "2",
+                     "--expand-dim", "48", "--mrl-dims", "16,48", num_gpus=1)
+    proc = deepspeed_launch(FINETUNE, "--model", str(first / "final"), "--output-dir", str(second), "--max-steps", "2",
+                            num_gpus=1)  # --expand-dim auto, --mrl-dims auto
+    assert "keeping the model's expansion layer 32 -> 48; MRL dims [48]" in proc.stdout
+    model = SentenceTransformer(str(second / "final"), device="cpu")
+    assert model.get_embedding_dimension() == 48
+    assert sum(m["type"].endswith("Dense") for m in json.loads((second / "final/modules.json").read_text())) == 1
+
+
+def test_an_expansion_width_other_than_the_models_is_refused(tiny_model, tmp_path):
+    from train.model import add_expansion_layer, with_expansion
+    expanded = add_expansion_layer(SentenceTransformer(str(tiny_model), device="cpu"), 48)
+    for flag in ("auto", "48", "0"):
+        model, added, what = with_expansion(expanded, flag)
+        assert model is expanded and added == 0 and "keeping the model's expansion layer 32 -> 48" in what
+    with pytest.raises(SystemExit, match="already has an expansion layer 32 -> 48; pass --expand-dim auto"):
+        with_expansion(expanded, "64")
 
 
 def test_eval_table_update_is_idempotent(tmp_path):

@@ -76,6 +76,40 @@ def test_state_round_trips():
     assert again.fingerprint() == miner.fingerprint() and again.checks == miner.checks
 
 
+def full_scan_check(miner: HardNegativeMiner, states: dict) -> set[str]:
+    """The rule applied to every tracked example (the definition); returns the ids it would replace."""
+    out = set()
+    for example_id, state in states.items():
+        if state.initial is None or state.current is None or state.exhausted:
+            continue
+        if miner.rule.is_easy(state.initial, state.current) and miner.pool_slice(state.replaced + 1)[1] <= state.pool_size:
+            out.add(example_id)
+    return out
+
+
+def test_a_check_costs_what_changed_and_decides_as_a_full_scan():
+    """10,000 tracked examples, a few rescored: the check looks at those few, replaces exactly what a
+    scan of every example would, and the running fingerprint equals one recomputed from scratch."""
+    import copy
+    import random
+    rng = random.Random(0)
+    miner = HardNegativeMiner(num_negatives=2, rule=MiningRule(interval=1))
+    miner.record(1, {f"e{i}": (rng.uniform(0.3, 0.7), 30) for i in range(10_000)})
+    miner.check(1)
+    for step in range(2, 12):
+        rescored = {f"e{rng.randrange(10_000)}": (rng.uniform(-0.2, 0.7), 30) for _ in range(5)}
+        miner.record(step, rescored)
+        expected = full_scan_check(miner, copy.deepcopy(miner.examples))
+        scored = [v.current for v in miner.examples.values() if v.current is not None and not v.exhausted]
+        before = {k: v.replaced for k, v in miner.examples.items()}
+        stats = miner.check(step)
+        assert stats.checked <= len(rescored) and stats.tracked > 9_000
+        assert {k for k, v in miner.examples.items() if v.replaced != before[k]} == expected
+        rebuilt = HardNegativeMiner(2, miner.rule, copy.deepcopy(miner.examples))
+        assert rebuilt.fingerprint() == miner.fingerprint()
+        assert stats.mean_score == pytest.approx(sum(scored) / len(scored), abs=1e-9)
+
+
 # --- offline pools ------------------------------------------------------------------------------
 
 def test_percpos_and_near_duplicate_filters_on_hand_made_scores():

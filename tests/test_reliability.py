@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, deepspeed_launch
-from train.engine import complete_checkpoints, latest_checkpoint
+from train.checkpoint import complete_checkpoints, latest_checkpoint
 
 PRETRAIN = ROOT / "train/pretrain.py"
 DATA = str(ROOT / "data/demo/pretrain/question_pairs.jsonl")
@@ -33,7 +33,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_model(tiny_model, t
     kill_step = random.Random(stage).randint(4, 11)  # a step that is not a checkpoint boundary, or is
 
     t0 = time.time()
-    killed = pretrain(tiny_model, cut, env={"CONAN_TEST_KILL": f"1:{kill_step}"}, check=False, stage=stage)
+    killed = pretrain(tiny_model, cut, env={"CONAN_TEST_FAULTS": f"kill@1:{kill_step}"}, check=False, stage=stage)
     assert killed.returncode != 0, f"rank 1 was to be killed at step {kill_step}"
     assert time.time() - t0 < 120  # the surviving rank did not hang
     saved = int(latest_checkpoint(cut / "checkpoints").removeprefix("step"))
@@ -50,7 +50,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_model(tiny_model, t
 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tiny_model, tmp_path):
-    proc = pretrain(tiny_model, tmp_path / "o", env={"CONAN_TEST_NAN": "1:5"})
+    proc = pretrain(tiny_model, tmp_path / "o", env={"CONAN_TEST_FAULTS": "nan@1:5"})
     assert "NaN/Inf loss, step skipped on all ranks (1 so far)" in proc.stdout
     assert "skipped 1 steps with a NaN or Inf loss" in proc.stdout and "done: 12 steps" in proc.stdout
     weights = load_file(tmp_path / "o/final/model.safetensors")
@@ -58,7 +58,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tiny_model, tmp_path):
 
 
 def test_nan_losses_in_a_row_stop_with_the_step_and_the_batch(tiny_model, tmp_path):
-    proc = pretrain(tiny_model, tmp_path / "o", "--max-bad-steps", "2", env={"CONAN_TEST_NAN": "0:3,0:4,1:4"}, check=False)
+    proc = pretrain(tiny_model, tmp_path / "o", "--max-bad-steps", "2", env={"CONAN_TEST_FAULTS": "nan@0:3,nan@0:4,nan@1:4"}, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "loss is NaN or Inf for 2 batches in a row (step 3)" in output

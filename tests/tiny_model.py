@@ -20,8 +20,10 @@ def demo_texts() -> list[str]:
 
 
 def make_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0,
-                    prompts: dict[str, str] | None = None) -> Path:
-    """Save a tiny SentenceTransformer (mean pooling, normalized) to out_dir and return the path."""
+                    prompts: dict[str, str] | None = None, include_prompt: bool = True) -> Path:
+    """Save a tiny SentenceTransformer (mean pooling, normalized) to out_dir and return the path.
+
+    include_prompt=False: the pooling leaves prompt tokens out (INSTRUCTOR-style models)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, trainers
@@ -48,7 +50,7 @@ def make_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed
     BertModel(config).save_pretrained(hf_dir)
     fast.save_pretrained(hf_dir)
     encoder = Transformer(str(hf_dir), max_seq_length=64)
-    model = SentenceTransformer(modules=[encoder, Pooling(hidden, pooling_mode="mean"), Normalize()],
+    model = SentenceTransformer(modules=[encoder, Pooling(hidden, pooling_mode="mean", include_prompt=include_prompt), Normalize()],
                                 device="cpu", prompts=prompts or {})
     model.save(str(out_dir))
     import shutil

@@ -9,6 +9,7 @@ each text needs a same-label text as its positive and other-label texts as its n
 """
 from __future__ import annotations
 
+import itertools
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -121,4 +122,16 @@ def task_stream(task: Task, seed: int, max_chars: int, skip_bad_lines: bool) -> 
         raise DataError(f"task '{task.name}': {e}") from None
 
 
-__all__ = ["StsExample", "ClassificationStream", "task_stream", "SkipReport"]
+def task_batches(stream: JsonlStream, state: dict) -> Iterator[list]:
+    """A task's global batches forever, epoch after epoch, from state['batch'] of state['epoch'].
+
+    `state` is updated as batches are taken, so it is the position to save in a checkpoint.
+    """
+    while True:
+        for global_batch in itertools.islice(stream.epoch(state["epoch"]), state["batch"], None):
+            state["batch"] += 1
+            yield global_batch
+        state["epoch"], state["batch"] = state["epoch"] + 1, 0
+
+
+__all__ = ["StsExample", "ClassificationStream", "task_stream", "task_batches", "SkipReport"]

@@ -19,6 +19,7 @@ are shared with all ranks), so every rank holds the same state, and it is saved 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 
 
@@ -49,23 +50,57 @@ class ExampleState:
     pool_size: int = 0
     exhausted: bool = False
 
+    def digest(self, example_id: str) -> int:
+        """A 64-bit hash of (id, state): the miner's fingerprint is their sum, updated per change."""
+        key = f"{example_id}|{self.initial!r}|{self.current!r}|{self.replaced}|{self.pool_size}|{self.exhausted}"
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
 
 @dataclass
 class CheckStats:
     step: int
-    checked: int
+    checked: int                    # examples with a new score since the last check (the only ones that can change)
     replaced: int
     exhausted: int
-    mean_score: float
+    mean_score: float               # mean Si over every tracked example, before this check's replacements
+    tracked: int = 0
+
+
+_MASK = (1 << 64) - 1
 
 
 @dataclass
 class HardNegativeMiner:
+    """Per-example mining state. Every operation costs in proportion to the examples it touches: a
+    check looks only at the examples scored since the previous check (any other example's S0 and Si
+    are unchanged since the rule last said "keep"), and the fingerprint compared across ranks and the
+    mean score are running totals."""
     num_negatives: int
     rule: MiningRule = field(default_factory=MiningRule)
     examples: dict[str, ExampleState] = field(default_factory=dict)
     history: list[tuple[int, float]] = field(default_factory=list)     # (step, mean negative score)
     checks: list[CheckStats] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._dirty: set[str] = set()
+        self._digest = 0
+        self._score_sum, self._scored = 0.0, 0      # over tracked examples: Si set and not exhausted
+        for example_id, state in self.examples.items():
+            self._add(example_id, state)
+            if state.initial is not None and state.current is not None and not state.exhausted:
+                self._dirty.add(example_id)  # restored mid-interval: let the next check look at it again
+
+    def _add(self, example_id: str, state: ExampleState, sign: int = 1) -> None:
+        self._digest = (self._digest + sign * state.digest(example_id)) & _MASK
+        if state.current is not None and not state.exhausted:
+            self._score_sum += sign * state.current
+            self._scored += sign
+
+    def _update(self, example_id: str, state: ExampleState, **changes) -> None:
+        self._add(example_id, state, -1)
+        for name, value in changes.items():
+            setattr(state, name, value)
+        self._add(example_id, state)
 
     def pool_slice(self, i: int) -> tuple[int, int]:
         """Pool ranks of the i-th replacement (i >= 1): (i-1)*n + offset ... i*n + offset."""
@@ -83,10 +118,13 @@ class HardNegativeMiner:
     def record(self, step: int, scores: dict[str, tuple[float, int]]) -> None:
         """Mean negative score of each example seen this step: {id: (score, pool size)}."""
         for example_id, (score, pool_size) in sorted(scores.items()):
-            state = self.examples.setdefault(example_id, ExampleState())
-            if state.initial is None:
-                state.initial = score
-            state.current, state.pool_size = score, pool_size
+            state = self.examples.get(example_id)
+            if state is None:
+                state = self.examples[example_id] = ExampleState()
+                self._add(example_id, state)
+            initial = score if state.initial is None else state.initial
+            self._update(example_id, state, initial=initial, current=score, pool_size=pool_size)
+            self._dirty.add(example_id)
         if scores:
             self.history.append((step, sum(s for s, _ in scores.values()) / len(scores)))
 
@@ -94,45 +132,46 @@ class HardNegativeMiner:
         return step > 0 and step % self.rule.interval == 0
 
     def check(self, step: int) -> CheckStats:
-        """Apply the rule to every tracked example; replaced ones start a new S0 when next seen."""
+        """Apply the rule to the examples scored since the last check; replaced ones start a new S0 when next seen."""
         checked = replaced = exhausted = 0
-        scores = []
-        for state in self.examples.values():
+        tracked, mean = self._scored, (self._score_sum / self._scored if self._scored else float("nan"))
+        for example_id in sorted(self._dirty):
+            state = self.examples[example_id]
             if state.initial is None or state.current is None or state.exhausted:
                 continue
             checked += 1
-            scores.append(state.current)
             if not self.rule.is_easy(state.initial, state.current):
                 continue
             _, end = self.pool_slice(state.replaced + 1)
             if end > state.pool_size:
-                state.exhausted = True     # keep the last negatives; never crash
+                self._update(example_id, state, exhausted=True)  # keep the last negatives; never crash
                 exhausted += 1
                 continue
-            state.replaced += 1
-            state.initial = state.current = None
+            self._update(example_id, state, replaced=state.replaced + 1, initial=None, current=None)
             replaced += 1
-        stats = CheckStats(step, checked, replaced, exhausted, sum(scores) / len(scores) if scores else float("nan"))
+        self._dirty.clear()
+        stats = CheckStats(step, checked, replaced, exhausted, mean, tracked)
         self.checks.append(stats)
         return stats
 
     def fingerprint(self) -> str:
-        """A short hash of the per-example state, to compare ranks."""
-        import hashlib
-        import json
-        blob = json.dumps({k: asdict(v) for k, v in sorted(self.examples.items())}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """A short hash of the per-example state, to compare ranks (a running total: O(1) to read)."""
+        return f"{self._digest:016x}"
 
     def state_dict(self) -> dict:
         return {"num_negatives": self.num_negatives, "rule": asdict(self.rule),
                 "examples": {k: asdict(v) for k, v in self.examples.items()},
-                "history": list(self.history), "checks": [asdict(c) for c in self.checks]}
+                "history": list(self.history), "checks": [asdict(c) for c in self.checks],
+                "pending": sorted(self._dirty)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "HardNegativeMiner":
-        return cls(state["num_negatives"], MiningRule(**state["rule"]),
-                   {k: ExampleState(**v) for k, v in state["examples"].items()},
-                   [tuple(h) for h in state["history"]], [CheckStats(**c) for c in state["checks"]])
+        miner = cls(state["num_negatives"], MiningRule(**state["rule"]),
+                    {k: ExampleState(**v) for k, v in state["examples"].items()},
+                    [tuple(h) for h in state["history"]], [CheckStats(**c) for c in state["checks"]])
+        if "pending" in state:
+            miner._dirty = set(state["pending"])
+        return miner
 
 
 def plot_history(miner: HardNegativeMiner, path) -> None:

@@ -83,6 +83,55 @@ def set_pooling(model: SentenceTransformer, mode: str | None) -> SentenceTransfo
     raise SystemExit(f"--pooling {mode}: the model has no Pooling module to set")
 
 
+def expansion_layer(model: SentenceTransformer) -> tuple[int, int] | None:
+    """(input width, output width) of a Dense layer after pooling, if the model has one (a model that
+    was fine-tuned with an expansion layer, or a released Conan-style model)."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+    dense = next((m for m in model if isinstance(m, Dense)), None)
+    if dense is None:
+        return None
+    config = dense.get_config_dict()
+    return config["in_features"], config["out_features"]
+
+
+def with_expansion(model: SentenceTransformer, expand_dim: str, seed: int = 0) -> tuple[SentenceTransformer, int, str]:
+    """The model to train, the width of the expansion layer added now (0: none added), and what was done.
+
+    expand_dim: "auto" (1.75 x the encoder width, the paper's 1024 -> 1792), an integer, or "0" (none).
+    A model that already has the layer keeps it (fine-tuning a fine-tuned model): "auto" and its own
+    width are accepted, another width stops before training.
+    """
+    existing = expansion_layer(model)
+    if existing:
+        width, out = existing
+        if str(expand_dim) not in ("auto", "0", str(out)):
+            raise SystemExit(f"--expand-dim {expand_dim}: the model already has an expansion layer {width} -> {out}; "
+                             f"pass --expand-dim auto (keep it) or {out}")
+        return model, 0, f"keeping the model's expansion layer {width} -> {out}"
+    width = model.get_embedding_dimension()
+    expand = round(width * 1.75 / 32) * 32 if expand_dim == "auto" else int(expand_dim)
+    if not expand:
+        return model, 0, f"no expansion layer (embedding width {width})"
+    return add_expansion_layer(model, expand, seed), expand, f"expansion layer {width} -> {expand} added"
+
+
+def matryoshka_dims(mrl_dims: str, mrl_weights: str | None, width: int) -> tuple[list[int], list[float]]:
+    """Matryoshka dims and their weights from the flags; auto: multiples of 128 (256 past 1024) and the width."""
+    if mrl_dims == "none":
+        dims = []
+    elif mrl_dims == "auto":
+        step = 256 if width >= 1024 else 128
+        dims = sorted({*range(step, width, step), width})
+    else:
+        dims = sorted(int(d) for d in mrl_dims.split(","))
+    if dims and (dims[0] <= 0 or dims[-1] > width):
+        raise SystemExit(f"--mrl-dims {dims}: each must be between 1 and the embedding width {width}")
+    weights = [float(w) for w in mrl_weights.split(",")] if mrl_weights else [1.0] * len(dims)
+    if len(weights) != len(dims):
+        raise SystemExit(f"--mrl-weights has {len(weights)} values for {len(dims)} dims")
+    return dims, weights
+
+
 def add_expansion_layer(model: SentenceTransformer, out_dim: int, seed: int = 0) -> SentenceTransformer:
     """Insert a Dense layer (identity activation, with bias) after pooling that widens the embedding.
 
@@ -93,8 +142,8 @@ def add_expansion_layer(model: SentenceTransformer, out_dim: int, seed: int = 0)
     """
     from sentence_transformers.sentence_transformer.modules import Dense, Pooling
     modules = list(model)
-    if any(isinstance(m, Dense) for m in modules):
-        return model  # already expanded (fine-tuning a fine-tuned model)
+    if expansion_layer(model):
+        raise ValueError("the model already has an expansion layer (use with_expansion)")
     at = next((i for i, m in enumerate(modules) if isinstance(m, Pooling)), None)
     if at is None:
         raise SystemExit("--expand-dim: the model has no Pooling module to put the layer after")

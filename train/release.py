@@ -38,14 +38,15 @@ Embeddings are {{ width }}-dimensional and were trained to be cut to any of
 | setting | value |
 |---|---|
 | base model | `{{ base_model }}` |
-| output width | {{ width }}{% if expand %} (linear expansion layer after pooling){% endif %} |
+| output width | {{ width }}{% if expanded %} (linear expansion layer after pooling){% endif %} |
 | Matryoshka dims | {{ dims | join(", ") if dims else "none" }} |
 | task schedule | {{ schedule }} |
 | steps | {{ steps }} on {{ world }} rank(s) |
 | learning rate | {{ lr }} |
 | temperature | {{ temperature }} |
 | CoSENT scale | {{ cosent_scale }} |
-| max length | {{ max_length }} |
+| training length | {{ max_length }} tokens per text (a compute choice) |
+| inference length | {{ release_length }} tokens (`max_seq_length` of this model) |
 
 | task | type | data | batch / step | negatives | weight | ranks |
 |---|---|---|---|---|---|---|
@@ -61,8 +62,9 @@ Not evaluated yet: run `python eval/cmteb.py --model PATH --update-card`.
 """
 
 
-def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int], expand: int,
-                     args: dict, steps: int, world: int, repo_id: str | None = None) -> Path:
+def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int], width: int, expanded: bool,
+                     args: dict, steps: int, world: int, release_length: int | None = None,
+                     repo_id: str | None = None) -> Path:
     """README.md with Hub metadata, usage, training settings and an eval-table placeholder."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -73,7 +75,6 @@ def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int]
     if Path(base_model).is_absolute() and Path(base_model).is_relative_to(root):
         base_model = str(Path(base_model).relative_to(root))  # no machine-specific paths in a public card
     prompts = config.get("prompts", {})
-    width = expand or _embedding_width(folder)
     card_data = ModelCardData(
         language="zh", license="apache-2.0", library_name="sentence-transformers",
         pipeline_tag="sentence-similarity", model_name=name,
@@ -84,7 +85,7 @@ def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int]
         card_data, template_str=CARD_TEMPLATE, model_name=name,
         repo_id=repo_id or str(folder), base_model=base_model,
         query_prompt=prompts.get("query", ""), passage_prompt=prompts.get("passage", ""),
-        dims=dims, width=width, expand=expand, schedule=args.get("task_schedule", "cbb"), steps=steps,
+        dims=dims, width=width, expanded=expanded, release_length=release_length, schedule=args.get("task_schedule", "cbb"), steps=steps,
         world=world, lr=args.get("lr"), temperature=args.get("temperature"),
         cosent_scale=args.get("cosent_scale"), max_length=args.get("max_length"),
         tasks=[dict(name=t.name, type=t.type, files=[Path(f).name for f in t.files], batch_size=t.batch_size,
@@ -98,11 +99,6 @@ def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int]
 def _is_hub_id(name: str) -> bool:
     import re
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
-
-
-def _embedding_width(folder: Path) -> int:
-    pooling = json.loads((folder / "1_Pooling/config.json").read_text())
-    return pooling.get("embedding_dimension") or pooling["word_embedding_dimension"]
 
 
 def replace_eval_table(card_path: Path, table_markdown: str) -> None:

@@ -1,65 +1,59 @@
-"""N-rank worker: one CBB fine-tuning step under DeepSpeed (ZeRO 2, fp32); saves the full gradients.
+"""N-rank worker: one CBB fine-tuning step under DeepSpeed (fp32, ZeRO stage given); saves the full gradients.
 
-    torchrun --nproc_per_node N tests/workers/cbb_step.py MODEL_DIR TASKS_YAML OUT_FILE
+    torchrun --nproc_per_node N tests/workers/cbb_step.py MODEL_DIR TASKS_JSON OUT_FILE STAGE
 
-It runs the same code path as train/finetune.py (task assignment, groups, task_loss, CBB scaling).
+It runs the code path of train/finetune.py: task assignment, groups, every task of a rank encoded in
+one forward (train.multitask.step_loss), CBB scaling, DeepSpeed's backward.
 """
 import sys
 from argparse import Namespace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+from sentence_transformers import SentenceTransformer
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from deepspeed.utils import safe_get_full_grad  # noqa: E402
-from sentence_transformers import SentenceTransformer  # noqa: E402
-
-from train.distributed import LOCAL  # noqa: E402
-from train.engine import encode, load_ds_config  # noqa: E402
-from train.finetune import task_loss, tasks_this_step  # noqa: E402
-from train.finetune_data import task_stream  # noqa: E402
-from train.losses import cbb  # noqa: E402
-from train.tasks import assign_ranks, load_data_config  # noqa: E402
+from train.ds_config import load_ds_config
+from train.encoding import encode_groups
+from train.finetune_data import task_stream
+from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
+from train.tasks import assign_ranks, load_data_config
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = Namespace(temperature=0.05, cosent_scale=20.0, seed=42, task_schedule="cbb")
+ARGS = Namespace(temperature=0.05, cosent_scale=20.0, seed=42)
 
 
 def main() -> None:
-    model_dir, config_path, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    model_dir, config_path, out, stage = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     tasks = load_data_config(config_path).tasks
     assign_ranks(tasks, world)
-    groups = {t.name: LOCAL if len(t.assigned) == 1 else dist.new_group(t.assigned) if len(t.assigned) < world else None
-              for t in tasks}
+    groups = task_groups(tasks)
     for t in tasks:
         t.query_prompt, t.passage_prompt = "", ""
     model = SentenceTransformer(model_dir, device="cpu")
-    cfg = load_ds_config(ROOT / "ds_configs/zero2.json", 1, world, grad_clip=0.0, precision="fp32")
+    cfg = load_ds_config(ROOT / f"ds_configs/zero{stage}.json", 1, world, grad_clip=0.0, precision="fp32")
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=cfg)
 
-    def embed(texts, prompt):
-        return encode(engine, model, texts, prompt, "cpu")
-
-    total, losses = None, {}
-    for task in tasks_this_step(tasks, rank, 0, ARGS):
-        batch = next(task_stream(task, ARGS.seed, 128, False).epoch(0))
-        loss, _, _ = task_loss(task, batch, embed, groups[task.name], rank, None, None, ARGS)
-        losses[task.name] = loss.item()
-        scaled = cbb.task_scale(task.weight, world, len(task.assigned)) * loss
-        total = scaled if total is None else total + scaled
-    engine.backward(total)
+    forwards = []
+    engine.module.register_forward_hook(lambda *_: forwards.append(1))
+    now = tasks_this_step(tasks, rank, 0, "cbb", ARGS.seed)
+    batches = {t.name: next(task_stream(t, ARGS.seed, 128, False).epoch(0)) for t in now}
+    result = step_loss(batches, now, lambda g: encode_groups(engine, model, g, engine.device), groups, rank, world,
+                       LossSettings(ARGS.temperature, ARGS.cosent_scale), miners={})
+    engine.backward(result.total)
     grads = {}
     for n, p in engine.module.named_parameters():
-        g = safe_get_full_grad(p)
+        g = safe_get_full_grad(p)  # a collective under ZeRO-3: every rank calls it for every parameter
         grads[n] = torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape) if g is None else g.clone()
     gathered = [None] * world
-    dist.all_gather_object(gathered, losses)
+    dist.all_gather_object(gathered, ({n: v.item() for n, v in result.losses.items()}, len(forwards)))
     if rank == 0:
-        torch.save({"grads": grads, "losses": gathered, "assigned": {t.name: t.assigned for t in tasks}}, out)
+        torch.save({"grads": grads, "losses": [g[0] for g in gathered], "forwards": [g[1] for g in gathered],
+                    "assigned": {t.name: t.assigned for t in tasks}}, out)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -9,18 +9,16 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+from sentence_transformers import SentenceTransformer
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
-from sentence_transformers import SentenceTransformer  # noqa: E402
-
-from train.data import rank_slice  # noqa: E402
-from train.engine import load_ds_config  # noqa: E402
-from train.losses import InfoNCELoss  # noqa: E402
-from train.losses import infonce  # noqa: E402
+from train.data import rank_slice
+from train.ds_config import load_ds_config
+from train.losses import InfoNCELoss
+from train.losses import infonce
 
 ROOT = Path(__file__).resolve().parents[2]
 LR, TEMPERATURE, PER_RANK = 1e-3, 0.05, 4

@@ -1,0 +1,77 @@
+"""The release after bf16 training, for every shipped DeepSpeed config: fp32 master weights, a
+tolerance derived from the model, the fallback when zero_to_fp32 cannot run, the inference length."""
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
+
+from tests.conftest import ROOT, deepspeed_launch
+from train.checkpoint import latest_checkpoint
+from train.export import check_export
+
+PRETRAIN = ROOT / "train/pretrain.py"
+DATA = str(ROOT / "data/demo/pretrain/question_pairs.jsonl")
+
+
+def bf16_pretrain(tiny_model, out, config: str, env=None, steps: int = 6):
+    return deepspeed_launch(PRETRAIN, "--model", str(tiny_model), "--train-data", DATA, "--output-dir", str(out),
+                            "--deepspeed-config", f"ds_configs/{config}.json", "--precision", "bf16",
+                            "--batch-size", "4", "--max-steps", str(steps), "--lr", "1e-3", "--max-length", "32",
+                            env=env)
+
+
+def exported_equals_checkpoint(out) -> float:
+    """Largest difference between the release's weights and zero_to_fp32 over its final checkpoint."""
+    ckpt = out / "checkpoints"
+    want = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=latest_checkpoint(ckpt))
+    got = load_file(out / "final/model.safetensors")
+    return max((got[k] - want["0.model." + k].float()).abs().max().item() for k in got)
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tiny_model, tmp_path_factory):
+    """{config: (output dir, stdout)}, trained once for the tests of this module."""
+    root, runs = tmp_path_factory.mktemp("bf16"), {}
+
+    def run(config):
+        if config not in runs:
+            runs[config] = (root / config, bf16_pretrain(tiny_model, root / config, config).stdout)
+        return runs[config]
+    return run
+
+
+@pytest.mark.parametrize("config", ["zero1", "zero2", "zero3", "zero3_offload"])
+def test_bf16_run_exports_its_fp32_master_weights(bf16_runs, config):
+    out, stdout = bf16_runs(config)
+    assert "export check: reloaded model matches the engine" in stdout
+    check = torch.load(out / "export_check.pt")
+    # the engine ran in bf16, the release is fp32: the rounding shows, and stays within the derived bound
+    assert 0 < check["max_abs_diff"] <= check["tolerance"] < 5e-2
+    assert exported_equals_checkpoint(out) == 0.0
+    # training length is a compute choice: the release encodes at the base model's own length
+    assert (check["train_max_length"], check["release_max_length"]) == (32, 64)
+    assert SentenceTransformer(str(out / "final"), device="cpu").max_seq_length == 64
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_export_falls_back_to_the_engine_weights(tiny_model, tmp_path, config):
+    """zero_to_fp32 fails (forced): every rank gathers the fp32 master weights from the engine instead,
+    and they are exactly what the checkpoint holds."""
+    out = tmp_path / config
+    proc = bf16_pretrain(tiny_model, out, config, env={"CONAN_TEST_FAULTS": "no_zero_to_fp32"})
+    assert "gathering the fp32 master weights from the engine instead" in proc.stdout
+    assert "export check: reloaded model matches the engine" in proc.stdout
+    assert exported_equals_checkpoint(out) == 0.0
+
+
+def test_derived_tolerance_catches_an_untrained_release(tiny_model, bf16_runs):
+    """The bf16 tolerance is tight enough to tell the trained engine from the model it started from."""
+    out, _ = bf16_runs("zero2")
+    check = torch.load(out / "export_check.pt")
+    base = SentenceTransformer(str(tiny_model), device="cpu")
+    base.max_seq_length = 32
+    untrained = base.encode(check["texts"], prompt=check["prompt"], convert_to_tensor=True)
+    assert (untrained - check["embeddings"]).abs().max() > check["tolerance"]
+    with pytest.raises(SystemExit, match="export check failed"):
+        check_export(out / "final", check["texts"], check["prompt"], untrained, bf16=True, train_max_length=32)

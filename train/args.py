@@ -1,0 +1,53 @@
+"""Command-line arguments both training scripts share, declared once, in groups (as FlagEmbedding's
+ModelArguments / DataArguments / TrainingArguments). Each script adds its own and sets its defaults."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p.add_argument_group("model"))
+    add_training_args(p.add_argument_group("training"))
+    add_reliability_args(p.add_argument_group("reliability"))
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    return p
+
+
+def add_model_args(g) -> None:
+    g.add_argument("--model", default=None, help="local folder or hub id")
+    g.add_argument("--pooling", default=None, choices=["mean", "cls", "lasttoken"], help="default: the model's")
+    g.add_argument("--max-length", type=int, default=128,
+                   help="tokens per text in training (a compute choice: the release keeps the model's own length)")
+    g.add_argument("--release-max-length", type=int, default=None,
+                   help="max_seq_length of the released model (default: the base model's own)")
+
+
+def add_training_args(g) -> None:
+    g.add_argument("--output-dir", default="output/run")
+    g.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs/zero2.json"))
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: whole epochs)")
+    g.add_argument("--lr", type=float, default=2e-5)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.05)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="fills gradient_clipping: auto")
+    g.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPUs that have it")
+    g.add_argument("--log-steps", type=int, default=10)
+    g.add_argument("--seed", type=int, default=42)
+
+
+def add_reliability_args(g) -> None:
+    g.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad JSONL lines instead of stopping")
+    g.add_argument("--save-steps", type=int, default=500)
+    g.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
+    g.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep (0: all)")
+    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many NaN/Inf losses in a row")
+    g.add_argument("--dist-timeout", type=float, default=30, help="minutes a collective waits for a lost rank")
+    g.add_argument("--stop-at-step", type=int, default=0,
+                   help="stop after saving this step's checkpoint, as if preempted (continue with --resume auto)")
+    g.add_argument("--trace-examples", action="store_true", help="write the examples of every step to OUTPUT_DIR/trace/")

@@ -1,0 +1,60 @@
+"""DeepSpeed config resolution and the optimizer the training scripts hand to DeepSpeed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: float,
+                   precision: str = "auto") -> dict:
+    """A ds_configs/*.json file with its "auto" values filled in; precision: auto | bf16 | fp32.
+
+    DeepSpeed has no "auto" of its own (that is the HF Trainer's): batch sizes come from the flags
+    and the rank count, gradient_clipping from --max-grad-norm, bf16 from --precision.
+    """
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--deepspeed-config {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--deepspeed-config {path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if "optimizer" in cfg:
+        # DeepSpeed's "AdamW" type builds FusedAdam (needs a CUDA build); the script passes torch's.
+        raise SystemExit(f"{path}: remove the 'optimizer' section; the training script builds the "
+                         "optimizer (torch AdamW, or DeepSpeedCPUAdam with CPU offload)")
+    accum = cfg.get("gradient_accumulation_steps", "auto")
+    if accum not in ("auto", 1):
+        # in-batch negatives are the global micro-batch: accumulation would not enlarge them
+        raise SystemExit(f"{path}: gradient_accumulation_steps must be 1 or auto for contrastive "
+                         "training; raise the batch size or the number of ranks instead")
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+               train_batch_size=micro_batch * world)
+    if cfg.get("gradient_clipping", "auto") == "auto":
+        cfg["gradient_clipping"] = grad_clip  # explicit: DeepSpeed 0.19 silently defaults to 1.0
+    use_bf16 = {"auto": bf16_supported(), "bf16": True, "fp32": False}[precision]
+    if cfg.get("bf16", {}).get("enabled", "auto") == "auto" or precision != "auto":
+        cfg["bf16"] = {"enabled": use_bf16}
+    if use_bf16:
+        cfg.pop("fp16", None)  # DeepSpeed refuses a config with both enabled
+    if offloads_optimizer(cfg) and not torch.cuda.is_available():
+        cfg["zero_force_ds_cpu_optimizer"] = False  # on a CPU machine torch's AdamW is the CPU optimizer
+    return cfg
+
+
+def offloads_optimizer(cfg: dict) -> bool:
+    off = cfg.get("zero_optimization", {}).get("offload_optimizer", {})
+    return off.get("device", "none") == "cpu"
+
+
+def build_optimizer(params, cfg: dict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """torch AdamW (fused on GPU), or DeepSpeedCPUAdam when the optimizer lives in CPU memory on a GPU box."""
+    if offloads_optimizer(cfg) and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=torch.cuda.is_available())

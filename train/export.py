@@ -1,0 +1,128 @@
+"""The release: the trained weights in fp32, a sentence-transformers folder, and a check that it
+encodes as the engine did.
+
+Training settings chosen for cost stay out of the release: the folder keeps the base model's own
+`max_seq_length` (what it encodes at) unless the user asks for another (--release-max-length).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import fault_injection
+
+FP32_TOLERANCE = 1e-4   # fp32 engine vs fp32 export: only summation order differs
+BF16_MARGIN = 4.0       # bf16 engine vs fp32 export: this many times bf16's own error on the probes
+
+
+def fp32_weights(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | None:
+    """The trained weights in fp32 on rank 0 (None elsewhere), whatever the ZeRO stage and precision.
+
+    First choice: DeepSpeed's zero_to_fp32 over the checkpoint just saved (rank 0 alone, no extra
+    memory on the other ranks). If that cannot run (e.g. a checkpoint layout it does not know), every
+    rank joins in gathering the fp32 master weights from the live engine instead.
+    """
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        return _module_weights(engine) if engine.global_rank == 0 else None
+    weights, error = None, None
+    if engine.global_rank == 0:
+        try:
+            if fault_injection.fault("no_zero_to_fp32"):
+                raise ValueError("zero_to_fp32 disabled by CONAN_TEST_FAULTS")
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        except Exception as e:  # any failure of the reconstruction: fall back, say why
+            error = f"{type(e).__name__}: {e}"
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is None:
+        return weights
+    if engine.global_rank == 0:
+        print(f"export: zero_to_fp32 could not rebuild the weights ({verdict[0]}); "
+              "gathering the fp32 master weights from the engine instead")
+    return engine_fp32_weights(engine)
+
+
+def engine_fp32_weights(engine) -> dict[str, torch.Tensor] | None:
+    """fp32 master weights gathered from the live engine; a collective (every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    is_main = engine.global_rank == 0
+    weights = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # all ranks, same order: it all-reduces / all-gathers
+        if is_main:
+            weights[name] = (param if full is None else full).detach().float().cpu().clone()
+    if not is_main:
+        return None
+    for name, value in engine.module.state_dict().items():  # persistent buffers: what a state dict holds
+        if name not in weights:
+            weights[name] = value.detach().cpu().clone()
+    return weights
+
+
+def _module_weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def export_sentence_transformer(rebuild, state_dict: dict, out_dir: Path, prompts: dict[str, str],
+                                max_length: int | None = None):
+    """Rebuild the model on CPU (`rebuild()`: the same modules as trained), load the weights, save it.
+
+    max_length None keeps the rebuilt model's own max_seq_length (the base model's), not the
+    training length.
+    """
+    model = rebuild()
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    real_missing = [k for k in missing if not k.endswith("position_ids")]
+    if real_missing or unexpected:
+        raise RuntimeError(f"export: weights do not match the model (missing {real_missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
+    if max_length:
+        model.max_seq_length = max_length
+    model.prompts = dict(prompts)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    model.save(str(tmp))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return model
+
+
+def bf16_error(model, texts: list[str], prompt: str, reference: torch.Tensor) -> float:
+    """How far bf16 arithmetic moves this model's embeddings of `texts` from fp32 (max |diff|)."""
+    model.to(torch.bfloat16)
+    try:
+        low = model.encode(texts, prompt=prompt, convert_to_tensor=True, batch_size=len(texts))
+    finally:
+        model.to(torch.float32)
+    return (low.float().cpu() - reference).abs().max().item()
+
+
+def check_export(final_dir: Path, texts: list[str], prompt: str, engine_emb: torch.Tensor, bf16: bool,
+                 train_max_length: int) -> float:
+    """Reload the release folder, encode as the engine did (same prompt, training length) and compare.
+
+    fp32: the two differ only by summation order. bf16: the engine ran in bf16 and the release is
+    its fp32 master copy, so the tolerance is derived from this model: BF16_MARGIN times the change
+    that bf16 arithmetic itself makes to these embeddings. Keeps the evidence in export_check.pt.
+    """
+    from sentence_transformers import SentenceTransformer
+    exported = SentenceTransformer(str(final_dir), device="cpu", local_files_only=True)
+    release_length = exported.max_seq_length
+    exported.max_seq_length = train_max_length  # compare like with like; the release keeps its own length
+    got = exported.encode(texts, prompt=prompt, convert_to_tensor=True, batch_size=len(texts)).cpu()
+    diff = (got - engine_emb).abs().max().item()
+    tolerance = max(BF16_MARGIN * bf16_error(exported, texts, prompt, got), FP32_TOLERANCE) if bf16 else FP32_TOLERANCE
+    torch.save({"texts": texts, "prompt": prompt, "embeddings": engine_emb, "max_abs_diff": diff,
+                "tolerance": tolerance, "train_max_length": train_max_length, "release_max_length": release_length},
+               final_dir.parent / "export_check.pt")
+    if diff > tolerance:
+        raise SystemExit(f"export check failed: the saved model differs from the trained engine by {diff:.2e} "
+                         f"(tolerance {tolerance:.1e})")
+    print(f"export check: reloaded model matches the engine (max |diff| {diff:.1e}, tolerance {tolerance:.1e}); "
+          f"trained at {train_max_length} tokens, the release encodes at {release_length}")
+    return diff

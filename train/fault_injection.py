@@ -1,0 +1,32 @@
+"""Test-only fault injection: the single seam the reliability tests use to break a run on purpose.
+
+Production runs never set CONAN_TEST_FAULTS, and then nothing here fires. The variable is a
+comma-separated list:
+
+    kill@R:A          SIGKILL rank R at its A-th step attempt (a kill mid-run)
+    nan@R:A           rank R's loss is NaN at its A-th step attempt
+    no_zero_to_fp32   the fp32 reconstruction from the checkpoint fails (the export must fall back)
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+ENV = "CONAN_TEST_FAULTS"
+
+
+def fault(name: str, rank: int | None = None, attempt: int | None = None) -> bool:
+    """Whether the named fault is switched on (for this rank and step attempt, if given)."""
+    wanted = {f.strip() for f in os.environ.get(ENV, "").split(",") if f.strip()}
+    return (name if rank is None else f"{name}@{rank}:{attempt}") in wanted
+
+
+def at_step(attempt: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
+    """Called once per step attempt with the loss about to be checked and stepped."""
+    if fault("kill", rank, attempt):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault("nan", rank, attempt):
+        return loss * float("nan")
+    return loss

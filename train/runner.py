@@ -1,0 +1,246 @@
+"""What both training loops share that is not the maths (nanoGPT keeps this inline; two loops made
+it worth one place): process setup, the engine, the guarded optimizer step, logging, checkpoints,
+stopping, and the release export.
+
+    rank, world = start_run(seed, timeout)
+    engine, scheduler = build_engine(model, args, micro_batch, world, total_steps)
+    run = Run(engine, scheduler, args, total_steps, metrics=["loss"], client=resume(...))
+    while not run.done:
+        loss = ...                                  # the script's maths
+        if run.optimize(loss, sources):             # NaN/Inf on any rank: every rank skips the step
+            run.record("loss", loss); run.after_step(sources, client_state)
+    run.export(...); end_run()
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import fault_injection
+from .checkpoint import save_checkpoint
+from .data import DataError
+from .ds_config import build_optimizer, load_ds_config
+from .export import check_export, export_sentence_transformer, fp32_weights
+
+
+def set_cpu_threads() -> None:
+    """On CPU, share the cores between the local ranks instead of oversubscribing them."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_run(seed: int, timeout_minutes: float = 30) -> tuple[int, int]:
+    """CPU threads, the process group (DeepSpeed picks nccl or gloo), seeds; returns (rank, world).
+
+    The timeout bounds how long a collective waits for a rank that died (the launchers also stop
+    every rank when one exits, on one node).
+    """
+    import deepspeed
+    set_cpu_threads()
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+    seed_everything(seed)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def local_rank_zero_first(fn, *args, **kwargs):
+    """fn(...) on each node's local rank 0 first (it may build the offline model copy), then the rest."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
+        dist.barrier()
+    result = fn(*args, **kwargs)
+    if first:
+        dist.barrier()
+    return result
+
+
+def end_run() -> None:
+    """Leave together and exit now: a ZeRO-3 run resumed from a checkpoint can otherwise abort in
+    interpreter teardown and turn a finished run into a failed one."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def finite_on_all_ranks(loss: torch.Tensor) -> bool:
+    """False if the loss is NaN or Inf on any rank (one all-reduce of a flag): then every rank skips the step."""
+    flag = torch.isfinite(loss.detach()).all().float().reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def build_engine(model, args, micro_batch: int, world: int, total_steps: int):
+    """DeepSpeed engine and LR schedule (linear warmup and decay) from the shared flags."""
+    import deepspeed
+    from transformers import get_linear_schedule_with_warmup
+    ds_config = load_ds_config(args.deepspeed_config, micro_batch, world, args.max_grad_norm, args.precision)
+    optimizer = build_optimizer(model.parameters(), ds_config, args.lr, args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return engine, scheduler
+
+
+@contextmanager
+def stop_on_data_error():
+    """A bad line met mid-run: every rank reads the same stream, so every rank stops here, with file:line."""
+    try:
+        yield
+    except DataError as e:
+        raise SystemExit(f"data error: {e}\n(pass --skip-bad-lines to skip and count such lines)") from None
+
+
+class Run:
+    """The state of a training run around the maths: step counter, bad-step guard, logs, checkpoints."""
+
+    def __init__(self, engine, scheduler, args, total_steps: int, metrics: list[str], desc: str,
+                 client: dict | None = None):
+        self.engine, self.scheduler, self.args = engine, scheduler, args
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.out_dir = Path(args.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.total_steps, self.metrics = total_steps, list(metrics)
+        self.step = client["step"] if client else 0
+        self.attempt = self.bad_in_a_row = self.skipped_steps = 0
+        # per metric: sum of values and of weights since the last log, kept on the device: no sync per step
+        self._sums = torch.zeros(2 * len(self.metrics), dtype=torch.float64, device=engine.device)
+        self._tokens, self._t_log = 0, time.time()
+        self.writer = None
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out_dir / "runs"))
+        self.bar = tqdm(total=total_steps, initial=self.step, disable=not self.is_main, desc=desc, dynamic_ncols=True)
+        self.trace = self._open_trace() if args.trace_examples else None
+        engine.train()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            self.bar.write(message)
+
+    def optimize(self, loss: torch.Tensor, sources: list[str]) -> bool:
+        """Backward and optimizer step; False (and nothing stepped, on any rank) if the loss is NaN/Inf
+        on some rank. After --max-bad-steps such losses in a row the run stops, naming the batch."""
+        self.attempt += 1
+        loss = fault_injection.at_step(self.attempt, self.rank, loss)
+        if not finite_on_all_ranks(loss):
+            self.bad_in_a_row, self.skipped_steps = self.bad_in_a_row + 1, self.skipped_steps + 1
+            if self.bad_in_a_row >= self.args.max_bad_steps:
+                raise SystemExit(f"loss is NaN or Inf for {self.bad_in_a_row} batches in a row (step {self.step + 1}); "
+                                 f"this rank's last batch: {', '.join(sources[:20])}")
+            self.say(f"step {self.step + 1}: NaN/Inf loss, step skipped on all ranks ({self.skipped_steps} so far)")
+            return False
+        self.bad_in_a_row = 0
+        self.engine.backward(loss)
+        self.engine.step()
+        self.step += 1
+        return True
+
+    def record(self, metric: str, value: torch.Tensor, weight: float = 1.0, tokens: int = 0) -> None:
+        """Add to a logged mean: value * weight over weight, summed over ranks and steps until the next log."""
+        i = self.metrics.index(metric)
+        self._sums[i] += value.detach().double() * weight
+        self._sums[len(self.metrics) + i] += weight
+        self._tokens += tokens
+
+    def after_step(self, sources: list[str], client_state: Callable[[], dict]) -> None:
+        """Trace, log, checkpoint; at --stop-at-step, leave as if preempted (the checkpoint is saved)."""
+        if self.trace:
+            self.trace.write("".join(f"{self.step}\t{s}\n" for s in sources))
+            self.trace.flush()
+        if self.step % self.args.log_steps == 0 or self.done:
+            self._log()
+        self.bar.update(1)
+        stop_here = self.step == self.args.stop_at_step
+        if (self.step % self.args.save_steps == 0 or stop_here) and not self.done:
+            save_checkpoint(self.engine, self.ckpt_dir, f"step{self.step}", client_state(), self.args.keep)
+        if stop_here and not self.done:
+            self.say(f"stopped at step {self.step} (--stop-at-step); continue with --resume auto")
+            self.close()
+            end_run()
+
+    def log_scalar(self, name: str, value: float) -> None:
+        if self.writer:
+            self.writer.add_scalar(name, value, self.step)
+
+    def _log(self) -> None:
+        sums = self._sums.clone()
+        tokens = torch.tensor([float(self._tokens)], dtype=torch.float64, device=sums.device)
+        both = torch.cat([sums, tokens])
+        dist.all_reduce(both)
+        n = len(self.metrics)
+        means = {m: (both[i] / both[n + i]).item() for i, m in enumerate(self.metrics) if both[n + i] > 0}
+        tok_s = both[-1].item() / max(time.time() - self._t_log, 1e-9)
+        if self.is_main:
+            lr = self.scheduler.get_last_lr()[0]
+            self.bar.set_postfix({**{m: f"{v:.4f}" for m, v in means.items()}, "lr": f"{lr:.2e}", "tok_s": f"{tok_s:,.0f}"})
+            for m, v in means.items():
+                self.writer.add_scalar(f"loss/{m}", v, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+            self.writer.add_scalar("train/tokens_per_s", tok_s, self.step)
+        self._sums.zero_()
+        self._tokens, self._t_log = 0, time.time()
+
+    def _open_trace(self):
+        """Which examples each step trained on; on resume cut back to the checkpoint's step."""
+        path = self.out_dir / "trace" / f"rank{self.rank}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if int(line.split("\t")[0]) <= self.step] if path.is_file() else []
+        path.write_text("".join(kept))
+        return open(path, "a", encoding="utf-8")
+
+    def export(self, client_state: dict, embed: Callable, probe_texts: list[str], probe_prompt: str,
+               rebuild: Callable, prompts: dict[str, str]) -> Path:
+        """Final checkpoint, its fp32 weights, the release folder, and the check that it encodes as the engine.
+
+        `embed(texts, prompt)` encodes through the engine (every rank takes part: ZeRO-3 gathers
+        weights in forward); `rebuild()` makes the untrained model with the same modules, on CPU.
+        """
+        self.bar.close()
+        tag = f"step{self.step}"
+        save_checkpoint(self.engine, self.ckpt_dir, tag, client_state, self.args.keep)
+        weights = fp32_weights(self.engine, self.ckpt_dir, tag)
+        self.engine.eval()
+        with torch.no_grad():
+            probe = embed(probe_texts, probe_prompt)
+        final = self.out_dir / "final"
+        if self.is_main:
+            export_sentence_transformer(rebuild, weights, final, prompts, self.args.release_max_length)
+            check_export(final, probe_texts, probe_prompt, probe.float().cpu(), self.engine.bfloat16_enabled(),
+                         self.args.max_length)
+            if self.skipped_steps:
+                print(f"skipped {self.skipped_steps} steps with a NaN or Inf loss")
+        return final
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.trace:
+            self.trace.close()
