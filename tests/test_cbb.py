@@ -86,5 +86,22 @@ def test_cbb_gradients_on_2_ranks_equal_one_process(tiny_model, tmp_path, stage,
     if layout == "retrieval_split_over_2_ranks":  # both ranks really held the task, with the same loss
         assert got["assigned"]["retrieval"] == [0, 1]
         assert math.isclose(got["losses"][0]["retrieval"], got["losses"][1]["retrieval"], rel_tol=1e-6)
+    if layout == "retrieval_split_over_2_ranks":  # CBB: 4 queries + 4 positives + 2 of each query's 4 negatives
+        assert got["rows"] == [16, 16]
     if layout == "retrieval_rank0_sts_rank1":
         assert got["losses"][0].keys() == {"retrieval"} and got["losses"][1].keys() == {"sts"}
+
+
+def test_random_schedule_baseline_gives_each_rank_its_own_queries(tiny_model, tmp_path):
+    """The FlagEmbedding / Piccolo baseline: one task per step, each rank its own queries with all their
+    negatives, candidates gathered from every rank; the same objective as one process on the step's batch."""
+    config = write_config(tmp_path / "tasks.json", {"retrieval": dict(RETRIEVAL)})
+    launch(ROOT / "tests/workers/cbb_step.py", str(tiny_model), str(config), str(tmp_path / "out.pt"), "2", "random",
+           timeout=300)
+    got = torch.load(tmp_path / "out.pt")
+    assert got["rows"] == [12, 12]  # 2 queries + 2 positives + 2 x 4 negatives on each rank
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    reference_objective(model, config).backward()
+    want = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
+    scale = max(w.abs().max().item() for w in want.values())
+    assert max((got["grads"][n] - want[n]).abs().max().item() for n in want) < 1e-5 * max(1.0, scale)

@@ -56,12 +56,15 @@ def task_texts(task: Task, global_batch: list, rank: int, miner: HardNegativeMin
     """The text groups this rank encodes for one task, with their prompts, in the order task_loss reads them."""
     me = task.assigned.index(rank)
     qp, pp = task.query_prompt, task.passage_prompt
-    if task.type == "retrieval":  # same queries on every rank of the task, a different slice of negatives
+    if task.shares_queries:  # CBB: same queries on every rank of the task, a different slice of negatives
         n = task.negatives_per_rank
         negatives = [miner.negatives(ex.source, ex.neg, ex.pool) if miner else ex.neg for ex in global_batch]
         return [([ex.query for ex in global_batch], qp), ([ex.pos for ex in global_batch], pp),
                 ([t for negs in negatives for t in negs[me * n:(me + 1) * n]], pp)]
     batch = rank_slice(global_batch, me, len(task.assigned))
+    if task.type == "retrieval":  # random schedule: this rank's own queries, each with all its negatives
+        negatives = [miner.negatives(ex.source, ex.neg, ex.pool) if miner else ex.neg for ex in batch]
+        return [([ex.query for ex in batch], qp), ([ex.pos for ex in batch], pp), ([t for negs in negatives for t in negs], pp)]
     if task.type == "sts":
         return [([ex.sentence1 for ex in batch], qp), ([ex.sentence2 for ex in batch], qp)]
     if task.type == "classification":  # symmetric texts: the query prompt on every side
@@ -74,6 +77,16 @@ def task_loss(task: Task, global_batch: list, embeddings: list[torch.Tensor], gr
     """This rank's share of one task's loss (before CBB scaling) from the embeddings of task_texts,
     and for mined retrieval tasks the mean score of each example's negatives ({id: (score, pool size)})."""
     dims, weights = loss.dims, loss.weights
+    if task.type == "retrieval" and task.split_queries:  # InfoNCE over every rank's positives and negatives
+        q, p, neg = embeddings
+        candidates, labels = cbb.gathered_candidates(q, p, neg, group)
+        value = matryoshka(cbb.pairs_infonce, [q, candidates], dims, weights, labels=labels, temperature=loss.temperature)
+        scores = {}
+        if mined:
+            own = cbb.own_negative_scores(q.detach(), neg.detach(), task.num_negatives, 1)
+            batch = rank_slice(global_batch, task.assigned.index(dist.get_rank()), len(task.assigned))
+            scores = {ex.source: (float(s), len(ex.pool)) for ex, s in zip(batch, own.tolist())}
+        return value, scores
     if task.type == "retrieval":
         q, p, neg = embeddings
         neg_all = cbb.gather_negatives(neg, group)

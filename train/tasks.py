@@ -45,14 +45,20 @@ class Task:
     passage_prompt: str | None = None
     mining: dict | None = None       # dynamic hard-negative mining (retrieval): MiningRule fields
     assigned: list[int] = field(default_factory=list)   # ranks that run it, filled by assign_ranks
+    split_queries: bool = False      # retrieval: each rank its own queries (random schedule), not CBB's shared ones
+
+    @property
+    def shares_queries(self) -> bool:
+        """CBB retrieval: every rank of the task holds all the queries and a slice of the negatives."""
+        return self.type == "retrieval" and not self.split_queries
 
     @property
     def negatives_per_rank(self) -> int:
-        return self.num_negatives // len(self.assigned) if self.type == "retrieval" else self.num_negatives
+        return self.num_negatives // len(self.assigned) if self.shares_queries else self.num_negatives
 
     def examples_per_rank(self) -> int:
-        """Rows of this task one rank holds in a step (retrieval ranks hold all the queries)."""
-        return self.batch_size if self.type == "retrieval" else self.batch_size // len(self.assigned)
+        """Rows of this task one rank holds in a step (CBB retrieval ranks hold all the queries)."""
+        return self.batch_size if self.shares_queries else self.batch_size // len(self.assigned)
 
 
 @dataclass
@@ -150,11 +156,14 @@ def assign_ranks(tasks: list[Task], world: int, schedule: str = "cbb") -> None:
     """Fill task.assigned. cbb: every task in every step, ranks shared out by the tasks' `ranks`.
 
     schedule 'random' (the FlagEmbedding / Piccolo baseline) puts every rank on every task; the loop
-    then picks one task per step.
+    then picks one task per step, and each rank takes its own share of the step's examples (retrieval
+    too: its own queries with all their negatives, candidates gathered from every rank), as those
+    tools do.
     """
     if schedule == "random" or world == 1:
         for task in tasks:
             task.assigned = list(range(world))
+            task.split_queries = schedule == "random" and task.type == "retrieval"
     elif world < len(tasks):
         for i, task in enumerate(tasks):  # a rank runs several tasks as sub-batches
             task.assigned = [i % world]
@@ -181,9 +190,9 @@ def _largest_remainder(shares: list[int], world: int) -> list[int]:
 
 def check_divisible(task: Task) -> None:
     n = len(task.assigned)
-    if task.type == "retrieval" and task.num_negatives % n:
+    if task.shares_queries and task.num_negatives % n:
         raise ConfigError(f"task '{task.name}': num_negatives {task.num_negatives} does not split over its "
                           f"{n} ranks {task.assigned}; use a multiple of {n}")
-    if task.type != "retrieval" and task.batch_size % n:
+    if not task.shares_queries and task.batch_size % n:
         raise ConfigError(f"task '{task.name}': batch_size {task.batch_size} does not split over its "
                           f"{n} ranks {task.assigned}; use a multiple of {n}")

@@ -1,6 +1,6 @@
 """N-rank worker: one CBB fine-tuning step under DeepSpeed (fp32, ZeRO stage given); saves the full gradients.
 
-    torchrun --nproc_per_node N tests/workers/cbb_step.py MODEL_DIR TASKS_JSON OUT_FILE STAGE
+    torchrun --nproc_per_node N tests/workers/cbb_step.py MODEL_DIR TASKS_JSON OUT_FILE STAGE [SCHEDULE]
 
 It runs the code path of train/finetune.py: task assignment, groups, every task of a rank encoded in
 one forward (train.multitask.step_loss), CBB scaling, DeepSpeed's backward.
@@ -27,10 +27,11 @@ ARGS = Namespace(temperature=0.05, cosent_scale=20.0, seed=42)
 
 def main() -> None:
     model_dir, config_path, out, stage = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+    schedule = sys.argv[5] if len(sys.argv) > 5 else "cbb"
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     tasks = load_data_config(config_path).tasks
-    assign_ranks(tasks, world)
+    assign_ranks(tasks, world, schedule)
     groups = task_groups(tasks)
     for t in tasks:
         t.query_prompt, t.passage_prompt = "", ""
@@ -39,8 +40,8 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=cfg)
 
     forwards = []
-    engine.module.register_forward_hook(lambda *_: forwards.append(1))
-    now = tasks_this_step(tasks, rank, 0, "cbb", ARGS.seed)
+    engine.module.register_forward_hook(lambda _, args, __: forwards.append(args[0]["input_ids"].shape[0]))
+    now = tasks_this_step(tasks, rank, 0, schedule, ARGS.seed)
     batches = {t.name: next(task_stream(t, ARGS.seed, 128, False).epoch(0)) for t in now}
     result = step_loss(batches, now, lambda g: encode_groups(engine, model, g, engine.device), groups, rank, world,
                        LossSettings(ARGS.temperature, ARGS.cosent_scale), miners={})
@@ -50,9 +51,10 @@ def main() -> None:
         g = safe_get_full_grad(p)  # a collective under ZeRO-3: every rank calls it for every parameter
         grads[n] = torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape) if g is None else g.clone()
     gathered = [None] * world
-    dist.all_gather_object(gathered, ({n: v.item() for n, v in result.losses.items()}, len(forwards)))
+    dist.all_gather_object(gathered, ({n: v.item() for n, v in result.losses.items()}, forwards))
     if rank == 0:
-        torch.save({"grads": grads, "losses": [g[0] for g in gathered], "forwards": [g[1] for g in gathered],
+        torch.save({"grads": grads, "losses": [g[0] for g in gathered], "forwards": [len(g[1]) for g in gathered],
+                    "rows": [sum(g[1]) for g in gathered],
                     "assigned": {t.name: t.assigned for t in tasks}}, out)
     dist.barrier()
     dist.destroy_process_group()
