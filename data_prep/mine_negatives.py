@@ -12,8 +12,9 @@ filtering, become `neg_pool`. Filtering drops a candidate that is
   - scored above --perc-pos x the query's lowest positive score (NV-Retriever's TopK-PercPos, 95%).
 The corpus is encoded and searched chunk by chunk (--chunk-size texts at a time), keeping a running
 top-K per query, so the corpus embeddings never need to fit in memory at once.
-Output lines: {"query", "pos", "neg", "neg_pool"}; `neg` is kept when the input has one, otherwise
-the first --num-negatives of the pool.
+Output lines: {"query", "pos", "neg", "neg_scores", "neg_pool", "neg_pool_scores"}; `neg` is kept when
+the input has one, otherwise the first --num-negatives of the pool. The scores (cosine with the query
+under --model) are the S0 that dynamic mining compares the training scores with (train/mining.py).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def normalize_text(text: str) -> str:
 def read_retrieval(path: Path) -> list[dict]:
     """{query, pos, neg} rows; a bad line raises DataError naming the file and line."""
     def make(line: str, rng, source: str) -> dict:
-        query, pos, neg, _ = parse_record(line, 0)
-        return {"query": query, "pos": pos, "neg": neg}
+        record = parse_record(line, 0)
+        return {"query": record.query, "pos": record.pos, "neg": record.neg}
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = list(read_examples(path, make, None, None))
@@ -97,8 +98,9 @@ def search_in_chunks(model, queries: np.ndarray, corpus: list[str], prompt: str,
     return best_scores, best_ids
 
 
-def build_pools(rows, corpus, scores, ids, positive_floor, perc_pos: float) -> tuple[list[list[str]], Counter]:
-    """Filtered ranked pools, and how many candidates each filter dropped."""
+def build_pools(rows, corpus, scores, ids, positive_floor,
+                perc_pos: float) -> tuple[list[list[tuple[str, float]]], Counter]:
+    """Filtered ranked pools of (text, score), and how many candidates each filter dropped."""
     dropped = Counter()
     pools = []
     for row, row_scores, row_ids, floor in zip(rows, scores, ids, positive_floor):
@@ -114,7 +116,7 @@ def build_pools(rows, corpus, scores, ids, positive_floor, perc_pos: float) -> t
             elif score > perc_pos * floor:
                 dropped[f"scored above {perc_pos:.0%} of the positive (likely false negative)"] += 1
             else:
-                pool.append(text)
+                pool.append((text, float(score)))
         pools.append(pool)
     return pools, dropped
 
@@ -165,11 +167,20 @@ def main(argv=None) -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
+    given = [t for r in rows for t in r["neg"]]  # the data's own negatives: scored too, for S0
+    given_scores = (queries[np.repeat(np.arange(len(rows)), [len(r["neg"]) for r in rows])]
+                    * encode(model, given, pp, args.batch_size, "negatives")).sum(1) if given else np.zeros(0)
+    at = 0
     with open(tmp, "w", encoding="utf-8") as f:
         for row, pool in zip(rows, pools):
             pool = pool[:args.top_k]
-            neg = row["neg"] or pool[:args.num_negatives]
-            f.write(json.dumps({"query": row["query"], "pos": row["pos"], "neg": neg, "neg_pool": pool},
+            if row["neg"]:
+                neg, neg_scores = row["neg"], [float(x) for x in given_scores[at:at + len(row["neg"])]]
+                at += len(row["neg"])
+            else:
+                neg, neg_scores = [t for t, _ in pool[:args.num_negatives]], [x for _, x in pool[:args.num_negatives]]
+            f.write(json.dumps({"query": row["query"], "pos": row["pos"], "neg": neg, "neg_scores": neg_scores,
+                                "neg_pool": [t for t, _ in pool], "neg_pool_scores": [x for _, x in pool]},
                                ensure_ascii=False) + "\n")
     tmp.replace(out)
     sizes = [min(len(p), args.top_k) for p in pools]

@@ -111,3 +111,14 @@ def test_length_grouping_cuts_padding():
     grouped = padding_fraction(PairStream(DEMO, global_batch=16, group_buffer=64, max_chars=128))
     plain = padding_fraction(PairStream(DEMO, global_batch=16, group_buffer=1))
     assert grouped < 0.5 * plain, (grouped, plain)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"neg_scores": [0.5]}, "'neg_scores' has 1 scores for 2 'neg' texts"),
+    ({"neg_pool": ["c"], "neg_pool_scores": ["high"]}, "'neg_pool_scores' must be a list of numbers"),
+])
+def test_mining_scores_must_match_their_texts(extra, message):
+    from train.data import parse_record
+    line = json.dumps({"query": "q", "pos": ["p"], "neg": ["a", "b"], **extra})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_record(line, 2)

@@ -20,94 +20,112 @@ def negatives(miner, pool=POOL):
     return miner.negatives("a", INITIAL, pool)
 
 
-def test_easy_negatives_are_replaced_by_the_next_pool_slice_at_the_check():
+def test_easy_negatives_are_replaced_at_the_visit_and_used_from_the_next():
     miner = HardNegativeMiner(num_negatives=2, rule=MiningRule(interval=100))
-    miner.record(1, {"a": (0.60, len(POOL))})         # S0 = 0.60
-    miner.record(50, {"a": (0.55, len(POOL))})        # 0.55 * 1.15 = 0.6325 >= 0.60: still hard
-    assert not miner.due(50) and miner.due(100)
-    assert miner.check(100).replaced == 0 and negatives(miner) == INITIAL
-    miner.record(150, {"a": (0.50, len(POOL))})       # 0.575 < 0.60 and |0.50| < 0.8: easy now...
-    assert negatives(miner) == INITIAL                 # ...but only a check replaces them
-    stats = miner.check(200)
-    assert (stats.checked, stats.replaced) == (1, 1)
+    miner.record(1, {"a": (0.60, len(POOL), 0.60)})   # S0 = 0.60 from the mining scores, Si = 0.60
+    miner.record(2, {"a": (0.55, len(POOL))})         # 0.55 * 1.15 = 0.6325 >= 0.60: still hard
+    assert negatives(miner) == INITIAL
+    miner.record(3, {"a": (0.50, len(POOL))})         # 0.575 < 0.60 and |0.50| < 0.8: easy: replaced now
     assert negatives(miner) == POOL[10:12]             # 1st replacement: ranks 0*n+10 .. 1*n+10
-    miner.record(201, {"a": (0.70, len(POOL))})       # new negatives: a new S0
-    assert miner.examples["a"].initial == 0.70
-    miner.record(250, {"a": (0.30, len(POOL))})
-    miner.check(300)
+    assert miner.examples["a"].replaced_at == [3]
+    miner.record(4, {"a": (0.70, len(POOL), 0.72)})   # new negatives: S0 from their pool scores
+    assert miner.examples["a"].initial == 0.72
+    miner.record(5, {"a": (0.30, len(POOL))})
     assert negatives(miner) == POOL[12:14]             # 2nd replacement: ranks 1*n+10 .. 2*n+10
+    stats = miner.check(100)                           # the report counts what happened since the last
+    assert (stats.checked, stats.replaced) == (5, 2) and miner.check(200).replaced == 0
 
 
 def test_hard_or_high_scoring_negatives_are_kept():
     miner = HardNegativeMiner(num_negatives=2)
-    miner.record(1, {"a": (0.99, 30), "b": (0.5, 30)})
-    miner.record(2, {"a": (0.85, 30), "b": (0.49, 30)})   # a: dropped 15% but |0.85| >= 0.8; b: barely moved
+    miner.record(1, {"a": (0.85, 30, 0.99), "b": (0.49, 30, 0.5)})  # a: dropped 15% but |0.85| >= 0.8; b: barely moved
     assert miner.check(100).replaced == 0
+
+
+def test_an_unchanged_negative_score_is_never_easy_whatever_its_sign():
+    """Si * 1.15 < S0 holds for S0 = Si < 0; the rule reads a drop of 15% of |S0| either way."""
+    miner = HardNegativeMiner(num_negatives=2)
+    miner.record(1, {"a": (-0.3, 30, -0.3), "b": (0.3, 30, 0.3), "c": (-0.3, 30)})
+    miner.record(2, {"d": (-0.5, 30, -0.3)})              # a real drop below a negative S0 is easy
+    assert {k: v.replaced for k, v in miner.examples.items()} == {"a": 0, "b": 0, "c": 0, "d": 1}
 
 
 def test_exhausted_pool_keeps_the_last_negatives_and_is_counted():
     miner = HardNegativeMiner(num_negatives=2)
     short = POOL[:13]                                     # room for one replacement (ranks 10-12), not two
-    miner.record(1, {"a": (0.6, len(short))})
-    miner.record(2, {"a": (0.3, len(short))})
-    miner.check(100)
+    miner.record(1, {"a": (0.3, len(short), 0.6)})
     assert miner.negatives("a", INITIAL, short) == short[10:12]
-    miner.record(101, {"a": (0.6, len(short))})
-    miner.record(102, {"a": (0.3, len(short))})
-    stats = miner.check(200)
-    assert (stats.replaced, stats.exhausted) == (0, 1)
+    miner.record(2, {"a": (0.3, len(short), 0.6)})
+    stats = miner.check(100)
+    assert (stats.replaced, stats.exhausted) == (1, 1)
     assert miner.negatives("a", INITIAL, short) == short[10:12]
 
 
-def test_conan_v2_rule_checks_every_step_and_replaces_easy_starts():
+def test_conan_v2_rule_replaces_easy_starts_at_the_first_visit():
     miner = HardNegativeMiner(num_negatives=2, rule=MiningRule.v2())
     assert miner.due(1) and miner.due(2)
-    miner.record(1, {"a": (0.35, 30), "b": (0.6, 30)})   # a: S0 < 0.4 -> easy from the start
+    miner.record(1, {"a": (0.5, 30, 0.35), "b": (0.6, 30, 0.6)})   # a: S0 < 0.4 -> easy from the start
     assert miner.check(1).replaced == 1
     assert miner.examples["b"].replaced == 0
 
 
 def test_state_round_trips():
     miner = HardNegativeMiner(num_negatives=2)
-    miner.record(1, {"a": (0.6, 30)})
-    miner.record(2, {"a": (0.3, 30)})
+    miner.record(1, {"a": (0.3, 30, 0.6)})
     miner.check(100)
+    miner.record(101, {"a": (0.3, 30)})
     again = HardNegativeMiner.from_state_dict(json.loads(json.dumps(miner.state_dict())))
     assert again.fingerprint() == miner.fingerprint() and again.checks == miner.checks
+    assert again.check(200) == miner.check(200)
 
 
-def full_scan_check(miner: HardNegativeMiner, states: dict) -> set[str]:
-    """The rule applied to every tracked example (the definition); returns the ids it would replace."""
-    out = set()
-    for example_id, state in states.items():
-        if state.initial is None or state.current is None or state.exhausted:
-            continue
-        if miner.rule.is_easy(state.initial, state.current) and miner.pool_slice(state.replaced + 1)[1] <= state.pool_size:
-            out.add(example_id)
-    return out
+def test_replaced_negatives_are_trained_on_at_the_very_next_visit(tmp_path):
+    """One visit per epoch, the real stream over a mined file: negatives the model has learned to push
+    away in epoch 1 are replaced for epoch 2, and epoch 2's batches carry the new slice."""
+    from train.data import PairStream
+    rows = [{"query": f"问题{i}", "pos": [f"答案{i}"], "neg": [f"负例{i}a", f"负例{i}b"], "neg_scores": [0.6, 0.5],
+             "neg_pool": [f"候选{i}-{k}" for k in range(30)], "neg_pool_scores": [0.9 - k / 100 for k in range(30)]}
+            for i in range(24)]
+    data = tmp_path / "mined.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    stream = PairStream([data], global_batch=8, num_negatives=2, sample_negatives=False)
+    miner = HardNegativeMiner(num_negatives=2)
+    used = {}
+    for epoch in range(2):
+        for step, batch in enumerate(stream.epoch(epoch), start=epoch * 3 + 1):
+            for ex in batch:
+                used[(epoch, ex.source)] = miner.negatives(ex.source, ex.neg, ex.pool)
+            # the model has learned to push this epoch's negatives away: Si 0.3 below their mined S0
+            miner.record(step, {ex.source: (miner.mined_score(ex.source, ex.neg_scores, ex.pool_scores) - 0.3,
+                                            len(ex.pool), miner.mined_score(ex.source, ex.neg_scores, ex.pool_scores))
+                                for ex in batch})
+    sources = {src for _, src in used}
+    assert len(sources) == 24
+    for src in sources:
+        i = int(src.rsplit(":", 1)[1]) - 1
+        assert used[(0, src)] == rows[i]["neg"]                  # epoch 1: the data's negatives
+        assert used[(1, src)] == rows[i]["neg_pool"][10:12]      # epoch 2: the replacement, at the next visit
+    assert all(len(miner.examples[s].replaced_at) == 2 for s in sources)  # and again after epoch 2
 
 
-def test_a_check_costs_what_changed_and_decides_as_a_full_scan():
-    """10,000 tracked examples, a few rescored: the check looks at those few, replaces exactly what a
-    scan of every example would, and the running fingerprint equals one recomputed from scratch."""
+def test_recording_costs_the_batch_and_the_fingerprint_stays_exact():
+    """10,000 tracked examples: each step touches only its batch, and the running fingerprint equals one
+    recomputed from scratch (what the ranks compare)."""
     import copy
     import random
     rng = random.Random(0)
     miner = HardNegativeMiner(num_negatives=2, rule=MiningRule(interval=1))
-    miner.record(1, {f"e{i}": (rng.uniform(0.3, 0.7), 30) for i in range(10_000)})
-    miner.check(1)
+    scores = [rng.uniform(0.3, 0.7) for _ in range(10_000)]
+    miner.record(1, {f"e{i}": (x, 30, x) for i, x in enumerate(scores)})  # Si = S0: all kept
+    assert miner.check(1).replaced == 0
     for step in range(2, 12):
-        rescored = {f"e{rng.randrange(10_000)}": (rng.uniform(-0.2, 0.7), 30) for _ in range(5)}
-        miner.record(step, rescored)
-        expected = full_scan_check(miner, copy.deepcopy(miner.examples))
-        scored = [v.current for v in miner.examples.values() if v.current is not None and not v.exhausted]
-        before = {k: v.replaced for k, v in miner.examples.items()}
+        batch = {f"e{rng.randrange(10_000)}": (rng.uniform(-0.2, 0.7), 30, 0.6) for _ in range(5)}
+        miner.record(step, batch)
         stats = miner.check(step)
-        assert stats.checked <= len(rescored) and stats.tracked > 9_000
-        assert {k for k, v in miner.examples.items() if v.replaced != before[k]} == expected
+        assert stats.checked == len(batch) and stats.tracked > 9_000
         rebuilt = HardNegativeMiner(2, miner.rule, copy.deepcopy(miner.examples))
         assert rebuilt.fingerprint() == miner.fingerprint()
-        assert stats.mean_score == pytest.approx(sum(scored) / len(scored), abs=1e-9)
+        assert stats.mean_score == pytest.approx(sum(v[0] for v in batch.values()) / len(batch), abs=1e-9)
 
 
 # --- offline pools ------------------------------------------------------------------------------
@@ -118,7 +136,8 @@ def test_percpos_and_near_duplicate_filters_on_hand_made_scores():
     scores = np.array([[0.99, 0.98, 0.90, 0.80, 0.50]], dtype=np.float32)
     ids = np.array([[0, 1, 2, 3, 4]])
     pools, dropped = build_pools(rows, corpus, scores, ids, positive_floor=np.array([0.9]), perc_pos=0.95)
-    assert pools == [["天津在北京旁边。", "广州很热。"]]   # 0.90 > 0.95 * 0.9 dropped as a likely false negative
+    assert [t for t, _ in pools[0]] == ["天津在北京旁边。", "广州很热。"]   # 0.90 > 0.95 * 0.9: a likely false negative
+    assert [x for _, x in pools[0]] == pytest.approx([0.8, 0.5])          # kept with their scores (mining's S0)
     assert dropped["positive or the query itself"] == 1
     assert dropped["near-duplicate of a positive"] == 1
     assert sum(dropped.values()) == 3
@@ -154,6 +173,9 @@ def test_pools_exclude_positives_and_are_ranked(mined, tiny_model):
         c = model.encode(r["neg_pool"], normalize_embeddings=True)
         scores = (c @ q.T)[:, 0]
         assert np.all(np.diff(scores) <= 1e-5)       # best first, across corpus chunks
+        assert np.allclose(scores, r["neg_pool_scores"], atol=1e-5)  # S0 for dynamic mining
+        n = model.encode(r["neg"], normalize_embeddings=True)
+        assert np.allclose((n @ q.T)[:, 0], r["neg_scores"], atol=1e-5)
     assert rows[0]["neg"] == first["neg"]              # the data's own negatives are kept as the initial ones
 
 
@@ -192,6 +214,8 @@ def test_two_ranks_share_one_mining_state_and_resume_continues_it(tiny_model, mi
     assert "mining retrieval: checked" in whole.stdout + whole.stderr
     state = json.loads((tmp_path / "whole/mining_retrieval.json").read_text())
     assert sum(c["replaced"] for c in state["checks"]) > 0     # the rule fired on real scores
+    # S0 comes from the mining scores, so the rule can fire in the first epoch (steps 1-2: 16 examples at 8)
+    assert min(s for e in state["examples"].values() for s in e["replaced_at"]) <= 2
     assert (tmp_path / "whole/mining_retrieval.png").stat().st_size > 1000
 
     run_finetune(tiny_model, mining_config, tmp_path / "cut", "--stop-at-step", "3")

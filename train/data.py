@@ -31,6 +31,8 @@ class Example:
     neg: list[str]                # hard negatives picked for this epoch (may be empty)
     source: str                   # "file:line": the example's id, for errors and mining state
     pool: list[str] = field(default_factory=list)  # ranked candidate negatives (dynamic mining)
+    neg_scores: list[float] = field(default_factory=list)   # mining model's scores of `neg` (S0 of mining)
+    pool_scores: list[float] = field(default_factory=list)  # ... and of `pool`
 
 
 @dataclass
@@ -91,8 +93,28 @@ def json_object(line: str, *required: str) -> dict:
     return obj
 
 
-def parse_record(line: str, num_negatives: int) -> tuple[str, list[str], list[str], list[str]]:
-    """(query, positives, negatives, ranked pool) of one JSONL line; ValueError says what is wrong."""
+@dataclass
+class Record:
+    query: str
+    pos: list[str]
+    neg: list[str]
+    pool: list[str]
+    neg_scores: list[float]
+    pool_scores: list[float]
+
+
+def _scores(obj: dict, key: str, texts: list[str], of: str) -> list[float]:
+    value = obj.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        raise ValueError(f"'{key}' must be a list of numbers")
+    if value and len(value) != len(texts):
+        raise ValueError(f"'{key}' has {len(value)} scores for {len(texts)} '{of}' texts")
+    return [float(x) for x in value]
+
+
+def parse_record(line: str, num_negatives: int) -> Record:
+    """Query, positives, negatives and the ranked pool (with their mining scores, if any) of one JSONL
+    line; ValueError says what is wrong."""
     obj = json_object(line, "query", "pos")
     query = _text(obj["query"], "query")
     pos = _texts(obj["pos"], "pos", allow_str=True)
@@ -102,7 +124,8 @@ def parse_record(line: str, num_negatives: int) -> tuple[str, list[str], list[st
     if num_negatives > 0 and not neg:
         raise ValueError(f"no 'neg' texts, but {num_negatives} hard negatives per example were asked for")
     pool = _texts(obj.get("neg_pool", []), "neg_pool", allow_str=False)
-    return query, pos, neg, pool
+    return Record(query, pos, neg, pool, _scores(obj, "neg_scores", neg, "neg"),
+                  _scores(obj, "neg_pool_scores", pool, "neg_pool"))
 
 
 def pair_maker(num_negatives: int, sample: bool = True) -> Callable[[str, random.Random, str], Example]:
@@ -112,13 +135,14 @@ def pair_maker(num_negatives: int, sample: bool = True) -> Callable[[str, random
     order (dynamic mining tracks the scores of a fixed set).
     """
     def make(line: str, rng: random.Random, source: str) -> Example:
-        query, pos, neg, pool = parse_record(line, num_negatives)
-        picked = []
+        r = parse_record(line, num_negatives)
+        neg, picked, scores = r.neg, [], []
         if num_negatives > 0 and sample:
             picked = rng.sample(neg, num_negatives) if len(neg) >= num_negatives else rng.choices(neg, k=num_negatives)
         elif num_negatives > 0:
-            picked = [neg[i % len(neg)] for i in range(num_negatives)]
-        return Example(query, rng.choice(pos), picked, source, pool)
+            order = [i % len(neg) for i in range(num_negatives)]
+            picked, scores = [neg[i] for i in order], [r.neg_scores[i] for i in order] if r.neg_scores else []
+        return Example(r.query, rng.choice(r.pos), picked, source, r.pool, scores, r.pool_scores)
     return make
 
 

@@ -1,21 +1,28 @@
 """Dynamic hard-negative mining, inline in the training loop (Conan-embedding §2.2).
 
 Hard negatives that the model has learned to push away stop teaching it anything. For each
-retrieval example we track the mean score s(q, neg) of its current negatives, taken from the
-similarities the loss already computed (no extra forward pass):
+retrieval example we compare two scores of its current negatives (the mean cosine s(q, neg)):
 
-    S0  the score the first time the current negatives were seen
-    Si  the latest score
+    S0  their score when they were mined: the offline pool scores data_prep/mine_negatives.py
+        stores with the pool (`neg_scores`, `neg_pool_scores`); without them, the first visit's Si
+    Si  their score now, read from the similarities the loss already computed (no extra forward pass)
 
-Paper rule (v1, default): every `interval` (100) steps, an example with Si * 1.15 < S0 and
-|Si| < 0.8 gets new negatives. Conan-v2 rule: checked every step, replace if S0 < 0.4, or if
-1.2 * Si < S0 and Si < 0.7. The i-th replacement takes ranks (i-1)*n + 10 ... i*n + 10 of the
-example's ranked candidate pool (`neg_pool`, built offline by data_prep/mine_negatives.py), n the
-number of negatives per example. A pool too short for the next slice keeps the last negatives and
-is counted as exhausted.
+The rule is applied at every visit, and a replacement is in the example's very next batch: with
+one visit per epoch, negatives found easy in epoch 1 are replaced for epoch 2. (Deciding only at
+fixed checks, with S0 taken at the first visit, acts from the third visit on: never, in the one or
+two epochs fine-tuning usually runs.)
+
+Paper rule (v1, default): replace when Si * 1.15 < S0 and |Si| < 0.8 (for S0 <= 0, when Si < 1.15 * S0:
+a drop of 15% of |S0| either way, so an unchanged negative score is never "easy"). Conan-v2 rule:
+replace if S0 < 0.4, or if 1.2 * Si < S0 and Si < 0.7. The i-th replacement takes ranks
+(i-1)*n + 10 ... i*n + 10 of the example's ranked pool (`neg_pool`), n the number of negatives per
+example. A pool too short for the next slice keeps the last negatives and is counted as exhausted.
+Every `interval` steps the counts since the last report are logged.
 
 The state is global: every rank applies the same updates in the same order (the scores of a step
-are shared with all ranks), so every rank holds the same state, and it is saved in checkpoints.
+are shared with all ranks), so every rank holds the same state; the fingerprint compared across
+ranks is a running total, so no operation costs more than the examples it touches. It is saved in
+checkpoints.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class MiningRule:
     name: str = "v1"                # v1 (the paper) or v2 (Conan-v2)
-    interval: int = 100             # steps between checks (v2: 1)
+    interval: int = 100             # steps between reports (decisions are made at every visit)
     factor: float = 1.15            # v1: Si * factor < S0;  v2: factor 1.2
     abs_limit: float = 0.8          # v1: |Si| < abs_limit;  v2: Si < 0.7
     easy_start: float = 0.4         # v2 only: S0 below this is easy from the start
@@ -36,10 +43,14 @@ class MiningRule:
     def v2(cls) -> "MiningRule":
         return cls(name="v2", interval=1, factor=1.2, abs_limit=0.7, easy_start=0.4)
 
+    def dropped(self, s0: float, si: float) -> bool:
+        """Si fell below S0 by the rule's factor (sign-safe: for S0 <= 0 the drop is of |S0|)."""
+        return si * self.factor < s0 if s0 > 0 else si < s0 * self.factor
+
     def is_easy(self, s0: float, si: float) -> bool:
         if self.name == "v2":
-            return s0 < self.easy_start or (self.factor * si < s0 and si < self.abs_limit)
-        return si * self.factor < s0 and abs(si) < self.abs_limit
+            return s0 < self.easy_start or (self.dropped(s0, si) and si < self.abs_limit)
+        return self.dropped(s0, si) and abs(si) < self.abs_limit
 
 
 @dataclass
@@ -49,21 +60,24 @@ class ExampleState:
     replaced: int = 0               # i: how many times its negatives were replaced
     pool_size: int = 0
     exhausted: bool = False
+    replaced_at: list[int] = field(default_factory=list)   # steps of the replacements
 
     def digest(self, example_id: str) -> int:
         """A 64-bit hash of (id, state): the miner's fingerprint is their sum, updated per change."""
-        key = f"{example_id}|{self.initial!r}|{self.current!r}|{self.replaced}|{self.pool_size}|{self.exhausted}"
+        key = (f"{example_id}|{self.initial!r}|{self.current!r}|{self.replaced}|{self.pool_size}|{self.exhausted}"
+               f"|{self.replaced_at}")
         return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 @dataclass
 class CheckStats:
+    """One report: what happened since the previous one."""
     step: int
-    checked: int                    # examples with a new score since the last check (the only ones that can change)
+    checked: int                    # visits scored
     replaced: int
     exhausted: int
-    mean_score: float               # mean Si over every tracked example, before this check's replacements
-    tracked: int = 0
+    mean_score: float               # mean Si of those visits
+    tracked: int = 0                # examples with a current score
 
 
 _MASK = (1 << 64) - 1
@@ -71,10 +85,6 @@ _MASK = (1 << 64) - 1
 
 @dataclass
 class HardNegativeMiner:
-    """Per-example mining state. Every operation costs in proportion to the examples it touches: a
-    check looks only at the examples scored since the previous check (any other example's S0 and Si
-    are unchanged since the rule last said "keep"), and the fingerprint compared across ranks and the
-    mean score are running totals."""
     num_negatives: int
     rule: MiningRule = field(default_factory=MiningRule)
     examples: dict[str, ExampleState] = field(default_factory=dict)
@@ -82,18 +92,15 @@ class HardNegativeMiner:
     checks: list[CheckStats] = field(default_factory=list)
 
     def __post_init__(self):
-        self._dirty: set[str] = set()
         self._digest = 0
-        self._score_sum, self._scored = 0.0, 0      # over tracked examples: Si set and not exhausted
+        self._scored = 0                            # tracked examples: Si set and not exhausted
+        self._since = {"checked": 0, "replaced": 0, "exhausted": 0, "score_sum": 0.0}
         for example_id, state in self.examples.items():
             self._add(example_id, state)
-            if state.initial is not None and state.current is not None and not state.exhausted:
-                self._dirty.add(example_id)  # restored mid-interval: let the next check look at it again
 
     def _add(self, example_id: str, state: ExampleState, sign: int = 1) -> None:
         self._digest = (self._digest + sign * state.digest(example_id)) & _MASK
         if state.current is not None and not state.exhausted:
-            self._score_sum += sign * state.current
             self._scored += sign
 
     def _update(self, example_id: str, state: ExampleState, **changes) -> None:
@@ -107,50 +114,70 @@ class HardNegativeMiner:
         n = self.num_negatives
         return (i - 1) * n + self.rule.offset, i * n + self.rule.offset
 
+    def _replaced(self, example_id: str) -> int:
+        state = self.examples.get(example_id)
+        return state.replaced if state else 0
+
     def negatives(self, example_id: str, initial: list[str], pool: list[str]) -> list[str]:
         """The negatives to train with now: the initial ones, or the slice of the latest replacement."""
-        state = self.examples.get(example_id)
-        if state is None or state.replaced == 0:
+        i = self._replaced(example_id)
+        if i == 0:
             return initial
-        start, end = self.pool_slice(state.replaced)
+        start, end = self.pool_slice(i)
         return pool[start:end]
 
-    def record(self, step: int, scores: dict[str, tuple[float, int]]) -> None:
-        """Mean negative score of each example seen this step: {id: (score, pool size)}."""
-        for example_id, (score, pool_size) in sorted(scores.items()):
+    def mined_score(self, example_id: str, initial_scores: list[float], pool_scores: list[float]) -> float | None:
+        """S0 of the example's current negatives from the offline scores (None if the data has none)."""
+        i = self._replaced(example_id)
+        if i == 0:
+            scores = initial_scores[:self.num_negatives]
+        else:
+            start, end = self.pool_slice(i)
+            scores = pool_scores[start:end]
+        return sum(scores) / len(scores) if scores else None
+
+    def record(self, step: int, scores: dict[str, tuple]) -> None:
+        """Scores of the examples in this step's batch, {id: (Si, pool size[, S0 from the mining scores])};
+        the rule is applied now, so a replacement is used from the example's next batch on."""
+        for example_id, (score, pool_size, *mined) in sorted(scores.items()):
             state = self.examples.get(example_id)
             if state is None:
                 state = self.examples[example_id] = ExampleState()
                 self._add(example_id, state)
-            initial = score if state.initial is None else state.initial
-            self._update(example_id, state, initial=initial, current=score, pool_size=pool_size)
-            self._dirty.add(example_id)
+            if state.exhausted:
+                continue
+            s0 = state.initial
+            if s0 is None:
+                s0 = mined[0] if mined and mined[0] is not None else score
+            self._update(example_id, state, initial=s0, current=score, pool_size=pool_size)
+            self._since["checked"] += 1
+            self._since["score_sum"] += score
+            if self.rule.is_easy(s0, score):
+                self._replace(step, example_id, state)
         if scores:
-            self.history.append((step, sum(s for s, _ in scores.values()) / len(scores)))
+            self.history.append((step, sum(v[0] for v in scores.values()) / len(scores)))
+
+    def _replace(self, step: int, example_id: str, state: ExampleState) -> None:
+        _, end = self.pool_slice(state.replaced + 1)
+        if end > state.pool_size:
+            self._update(example_id, state, exhausted=True)  # keep the last negatives; never crash
+            self._since["exhausted"] += 1
+            return
+        # the new negatives' S0 is read at their first visit (from the pool scores when there are some)
+        self._update(example_id, state, replaced=state.replaced + 1, initial=None, current=None,
+                     replaced_at=state.replaced_at + [step])
+        self._since["replaced"] += 1
 
     def due(self, step: int) -> bool:
         return step > 0 and step % self.rule.interval == 0
 
     def check(self, step: int) -> CheckStats:
-        """Apply the rule to the examples scored since the last check; replaced ones start a new S0 when next seen."""
-        checked = replaced = exhausted = 0
-        tracked, mean = self._scored, (self._score_sum / self._scored if self._scored else float("nan"))
-        for example_id in sorted(self._dirty):
-            state = self.examples[example_id]
-            if state.initial is None or state.current is None or state.exhausted:
-                continue
-            checked += 1
-            if not self.rule.is_easy(state.initial, state.current):
-                continue
-            _, end = self.pool_slice(state.replaced + 1)
-            if end > state.pool_size:
-                self._update(example_id, state, exhausted=True)  # keep the last negatives; never crash
-                exhausted += 1
-                continue
-            self._update(example_id, state, replaced=state.replaced + 1, initial=None, current=None)
-            replaced += 1
-        self._dirty.clear()
-        stats = CheckStats(step, checked, replaced, exhausted, mean, tracked)
+        """The report since the last one (decisions were already made at each visit)."""
+        since = dict(self._since)
+        total = since.pop("score_sum")
+        mean = total / since["checked"] if since["checked"] else float("nan")
+        stats = CheckStats(step, mean_score=mean, tracked=self._scored, **since)
+        self._since = dict.fromkeys(self._since, 0)
         self.checks.append(stats)
         return stats
 
@@ -161,16 +188,14 @@ class HardNegativeMiner:
     def state_dict(self) -> dict:
         return {"num_negatives": self.num_negatives, "rule": asdict(self.rule),
                 "examples": {k: asdict(v) for k, v in self.examples.items()},
-                "history": list(self.history), "checks": [asdict(c) for c in self.checks],
-                "pending": sorted(self._dirty)}
+                "history": list(self.history), "checks": [asdict(c) for c in self.checks], "since": dict(self._since)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "HardNegativeMiner":
         miner = cls(state["num_negatives"], MiningRule(**state["rule"]),
                     {k: ExampleState(**v) for k, v in state["examples"].items()},
                     [tuple(h) for h in state["history"]], [CheckStats(**c) for c in state["checks"]])
-        if "pending" in state:
-            miner._dirty = set(state["pending"])
+        miner._since = dict(state.get("since", miner._since))
         return miner
 
 

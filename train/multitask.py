@@ -72,29 +72,35 @@ def task_texts(task: Task, global_batch: list, rank: int, miner: HardNegativeMin
     return [([ex.query for ex in batch], qp), ([ex.pos for ex in batch], pp)]  # pairs
 
 
+def mining_scores(miner: HardNegativeMiner, examples: list, scores: torch.Tensor) -> dict:
+    """{id: (Si, pool size, S0 from the mining scores)} of the examples whose negatives were scored."""
+    return {ex.source: (float(s), len(ex.pool), miner.mined_score(ex.source, ex.neg_scores, ex.pool_scores))
+            for ex, s in zip(examples, scores.tolist())}
+
+
 def task_loss(task: Task, global_batch: list, embeddings: list[torch.Tensor], group, loss: LossSettings,
-              mined: bool = False) -> tuple[torch.Tensor, dict]:
+              miner: HardNegativeMiner | None = None) -> tuple[torch.Tensor, dict]:
     """This rank's share of one task's loss (before CBB scaling) from the embeddings of task_texts,
-    and for mined retrieval tasks the mean score of each example's negatives ({id: (score, pool size)})."""
+    and for mined retrieval tasks the scores of each example's negatives (mining_scores)."""
     dims, weights = loss.dims, loss.weights
     if task.type == "retrieval" and task.split_queries:  # InfoNCE over every rank's positives and negatives
         q, p, neg = embeddings
         candidates, labels = cbb.gathered_candidates(q, p, neg, group)
         value = matryoshka(cbb.pairs_infonce, [q, candidates], dims, weights, labels=labels, temperature=loss.temperature)
         scores = {}
-        if mined:
+        if miner:
             own = cbb.own_negative_scores(q.detach(), neg.detach(), task.num_negatives, 1)
             batch = rank_slice(global_batch, task.assigned.index(dist.get_rank()), len(task.assigned))
-            scores = {ex.source: (float(s), len(ex.pool)) for ex, s in zip(batch, own.tolist())}
+            scores = mining_scores(miner, batch, own)
         return value, scores
     if task.type == "retrieval":
         q, p, neg = embeddings
         neg_all = cbb.gather_negatives(neg, group)
         value = matryoshka(cbb.retrieval_cbb, [q, p, neg_all], dims, weights, temperature=loss.temperature)
         scores = {}
-        if mined:  # the similarities the loss used, read back: no extra forward pass
+        if miner:  # the similarities the loss used, read back: no extra forward pass
             own = cbb.own_negative_scores(q.detach(), neg_all.detach(), task.negatives_per_rank, len(task.assigned))
-            scores = {ex.source: (float(s), len(ex.pool)) for ex, s in zip(global_batch, own.tolist())}
+            scores = mining_scores(miner, global_batch, own)
         return value, scores
     if task.type == "sts":  # gathered, so CoSENT orders all of the task's pairs, as one process would
         e1, e2 = (cbb.all_gather_with_grad(e, group) for e in embeddings)
@@ -116,7 +122,7 @@ def step_loss(batches: dict[str, list], tasks: list[Task], encode: Callable, gro
     at = 0
     for task, texts in plans:
         value, scores = task_loss(task, batches[task.name], embeddings[at:at + len(texts)], groups[task.name], loss,
-                                  mined=task.name in miners)
+                                  miners.get(task.name))
         at += len(texts)
         result.total = result.total + cbb.task_scale(task.weight, world, len(task.assigned)) * value
         result.losses[task.name] = value
