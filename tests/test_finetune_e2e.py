@@ -17,7 +17,7 @@ def test_finetune_runs_and_exports_a_matryoshka_model(tiny_model, tmp_path, rank
     out = tmp_path / "ft"
     proc = deepspeed_launch(FINETUNE, "--model", str(tiny_model), "--output-dir", str(out), "--max-steps", "3",
                             "--log-steps", "1", "--expand-dim", "48", "--mrl-dims", "16,32,48", "--lr", "1e-3",
-                            "--max-length", "32", num_gpus=ranks)
+                            "--max-length", "32", "--expansion-lr", "1e-2", num_gpus=ranks)
     assert "export check: reloaded model matches the engine" in proc.stdout
     final = out / "final"
     check = torch.load(out / "export_check.pt")
@@ -62,6 +62,31 @@ def test_an_expansion_width_other_than_the_models_is_refused(tiny_model, tmp_pat
         assert model is expanded and added == 0 and "keeping the model's expansion layer 32 -> 48" in what
     with pytest.raises(SystemExit, match="already has an expansion layer 32 -> 48; pass --expand-dim auto"):
         with_expansion(expanded, "64")
+
+
+def test_expansion_layer_starts_from_the_base_geometry(tiny_model):
+    """Prefixes up to the encoder width are the base embedding exactly; the new coordinates are at the
+    old ones' scale (not ~0, which left them unused) and the full-width cosine starts near the base's."""
+    import torch.nn.functional as F
+    from tests.tiny_model import demo_texts
+    from train.model import add_expansion_layer
+    texts = demo_texts()[:40]
+    base = F.normalize(SentenceTransformer(str(tiny_model), device="cpu").encode(texts, convert_to_tensor=True), dim=-1)
+    wide = add_expansion_layer(SentenceTransformer(str(tiny_model), device="cpu"), 56).encode(texts, convert_to_tensor=True)
+    assert (F.normalize(wide[:, :32], dim=-1) - base).abs().max() < 1e-6
+    rms_ratio = wide[:, 32:].pow(2).mean(1).sqrt() / wide[:, :32].pow(2).mean(1).sqrt()
+    assert 0.5 < rms_ratio.min() and rms_ratio.max() < 2.0
+    full = F.normalize(wide, dim=-1)
+    assert (full @ full.T - base @ base.T).abs().max() < 0.1
+
+
+def test_expansion_layer_has_a_learning_rate_of_its_own(tiny_model):
+    from train.model import add_expansion_layer, parameter_groups
+    model = add_expansion_layer(SentenceTransformer(str(tiny_model), device="cpu"), 48)
+    encoder, head = parameter_groups(model, 1e-5, 1e-3)
+    assert (encoder["lr"], head["lr"]) == (1e-5, 1e-3) and [p.shape for p in head["params"]] == [(48, 32), (48,)]
+    assert len(encoder["params"]) + 2 == len(list(model.parameters()))
+    assert len(parameter_groups(model, 1e-5)) == 1  # no --expansion-lr: one group
 
 
 def test_eval_table_update_is_idempotent(tmp_path):

@@ -53,7 +53,8 @@ def offloads_optimizer(cfg: dict) -> bool:
 
 
 def build_optimizer(params, cfg: dict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """torch AdamW (fused on GPU), or DeepSpeedCPUAdam when the optimizer lives in CPU memory on a GPU box."""
+    """torch AdamW (fused on GPU), or DeepSpeedCPUAdam when the optimizer lives in CPU memory on a GPU box.
+    `params`: parameters, or groups with their own "lr"."""
     if offloads_optimizer(cfg) and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)

@@ -45,6 +45,8 @@ def parse_args(argv=None):
     loss.add_argument("--expand-dim", default="auto",
                       help="width of the expansion layer after pooling: auto (1.75 x the encoder's, as 1024 -> 1792; "
                            "a model that has one keeps it), an integer, or 0 for none")
+    loss.add_argument("--expansion-lr", type=float, default=None,
+                      help="learning rate of the expansion layer (default: --lr)")
     loss.add_argument("--mrl-dims", default="auto", help="comma-separated Matryoshka dims, auto, or none")
     loss.add_argument("--mrl-weights", default=None, help="comma-separated weights (default: all 1)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the release folder to this Hub repo")

@@ -136,9 +136,12 @@ def add_expansion_layer(model: SentenceTransformer, out_dim: int, seed: int = 0)
     """Insert a Dense layer (identity activation, with bias) after pooling that widens the embedding.
 
     Conan-embedding widens 1024 -> 1792 for Matryoshka training. The paper does not say how the
-    layer starts; we start it as the identity on the first `width` outputs (so training begins from
-    the base model's geometry) and small random weights on the new ones (all-zero new outputs would
-    get no gradient through the normalised cosine and stay zero).
+    layer starts. Ours: the identity on the first `width` outputs (every prefix up to the encoder's
+    width is exactly the base embedding) and a Gaussian projection N(0, 1/width) on the new ones. A
+    random projection keeps norms and inner products in expectation (Johnson-Lindenstrauss), so the
+    new coordinates carry the base geometry at the same scale as the old ones and the full-width
+    cosine starts close to the base cosine. (Near-zero new rows, our first choice, left the extra
+    width unused: after 100 steps scores at 384 and 672 dims agreed to 0.01.)
     """
     from sentence_transformers.sentence_transformer.modules import Dense, Pooling
     modules = list(model)
@@ -151,7 +154,7 @@ def add_expansion_layer(model: SentenceTransformer, out_dim: int, seed: int = 0)
     if out_dim < width:
         raise SystemExit(f"--expand-dim {out_dim} is narrower than the encoder's {width} dimensions")
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(out_dim, width, generator=generator) * (0.1 / width ** 0.5)
+    weight = torch.randn(out_dim, width, generator=generator) / width ** 0.5
     weight[:width] = torch.eye(width)
     dense = Dense(width, out_dim, bias=True, activation_function=torch.nn.Identity(),
                   init_weight=weight, init_bias=torch.zeros(out_dim))
@@ -159,3 +162,15 @@ def add_expansion_layer(model: SentenceTransformer, out_dim: int, seed: int = 0)
                                    prompts=dict(model.prompts), similarity_fn_name="cosine")
     expanded.max_seq_length = model.max_seq_length
     return expanded
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, expansion_lr: float | None = None) -> list[dict]:
+    """Optimizer groups: the expansion layer (a Dense after pooling) gets its own learning rate."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+    head = {id(p) for m in model.modules() if isinstance(m, Dense) for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in head], "lr": lr}]
+    if head and expansion_lr is not None:
+        groups.append({"params": [p for p in model.parameters() if id(p) in head], "lr": expansion_lr})
+    else:
+        groups[0]["params"] = list(model.parameters())
+    return groups

@@ -92,11 +92,14 @@ def finite_on_all_ranks(loss: torch.Tensor) -> bool:
 
 
 def build_engine(model, args, micro_batch: int, world: int, total_steps: int):
-    """DeepSpeed engine and LR schedule (linear warmup and decay) from the shared flags."""
+    """DeepSpeed engine and LR schedule (linear warmup and decay, every group alike) from the shared flags."""
     import deepspeed
     from transformers import get_linear_schedule_with_warmup
+
+    from .model import parameter_groups
     ds_config = load_ds_config(args.deepspeed_config, micro_batch, world, args.max_grad_norm, args.precision)
-    optimizer = build_optimizer(model.parameters(), ds_config, args.lr, args.weight_decay)
+    groups = parameter_groups(model, args.lr, getattr(args, "expansion_lr", None))
+    optimizer = build_optimizer(groups, ds_config, args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
