@@ -69,12 +69,12 @@ def reference_objective(model, config_path: Path) -> torch.Tensor:
     (3, "retrieval_rank0_sts_rank1"), (3, "three_tasks_on_2_ranks")])
 def test_cbb_gradients_on_2_ranks_equal_one_process(tiny_model, tmp_path, stage, layout):
     """ZeRO-3 gathers parameters collectively in every forward: ranks holding different tasks must still
-    run the same number of forwards (one each), or the step hangs; the gradients must not change."""
+    run the same number of forwards (two length buckets each), or the step hangs; the gradients must not change."""
     config = write_config(tmp_path / "tasks.json", LAYOUTS[layout])
     launch(ROOT / "tests/workers/cbb_step.py", str(tiny_model), str(config), str(tmp_path / "out.pt"), str(stage),
            timeout=300)
     got = torch.load(tmp_path / "out.pt")
-    assert got["forwards"] == [1, 1]  # one encoder forward per rank, whatever tasks it holds
+    assert got["forwards"] == [2, 2]  # the same forwards on every rank (2 length buckets), whatever tasks it holds
 
     model = SentenceTransformer(str(tiny_model), device="cpu")
     reference_objective(model, config).backward()

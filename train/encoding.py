@@ -1,11 +1,13 @@
-"""Encoding through the DeepSpeed engine: a rank's texts of a step in one forward, prompts as
-sentence-transformers passes them.
+"""Encoding through the DeepSpeed engine: a rank's texts of a step in a fixed number of forwards,
+prompts as sentence-transformers passes them.
 
-Why one forward: under ZeRO-3 every forward gathers the parameters with collectives, so every rank
-must run the same number of forwards per step. In CBB fine-tuning ranks hold different tasks
-(3 text kinds on a retrieval rank, 2 on an STS rank, more with several tasks), so each rank packs
-all of its texts into one batch, runs it once, and splits the embeddings afterwards. On a GPU this
-also saves kernel launches.
+Why a fixed number: under ZeRO-3 every forward gathers the parameters with collectives, so every
+rank must run the same number of forwards per step. In CBB fine-tuning ranks hold different tasks
+(3 text kinds on a retrieval rank, 2 on an STS rank, more with several tasks), so each rank pools
+all of its texts, sorts them by length and runs exactly `buckets` forwards, the bucket bounds chosen
+to waste the fewest padded tokens; the embeddings are put back in order afterwards. One bucket pads
+every query to passage length: on the demo tasks that is 1.9-2.2x the real tokens, against 1.5x for
+one forward per text kind; two buckets give 1.3-1.4x with fewer forwards (tests/test_encoding.py).
 
 Prompts go through the library's own path, `model.preprocess(texts, prompt=...)`, which also
 reports the prompt's token length; a Pooling with `include_prompt=False` then leaves the prompt out
@@ -15,6 +17,7 @@ pools each prompt's rows separately with the library's code (`MixedPromptPooling
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
@@ -88,18 +91,66 @@ def merge_features(parts: list[dict], pad_id: int, left_pad: bool) -> dict:
     return merged
 
 
-def encode_groups(engine, model: SentenceTransformer, groups: list[TextGroup],
-                  device) -> tuple[list[torch.Tensor], int]:
-    """Embeddings of every group from ONE forward through `engine`, and the non-padding tokens encoded.
+def length_buckets(lengths: list[int], k: int) -> list[list[int]]:
+    """Row indices in exactly k non-empty groups (k <= len(lengths)), contiguous in length order, that
+    minimise the padded tokens (sum over groups of rows x longest row): an exact dynamic programme."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    sorted_lengths = np.asarray(lengths)[order]
+    n = len(order)
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot make {k} non-empty buckets of {n} rows")
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0                     # no group covers no row
+    cuts = np.zeros((k, n + 1), dtype=np.int64)
+    for b in range(k):
+        new = np.full(n + 1, np.inf)  # b + 1 non-empty groups cannot cover 0 rows
+        for j in range(1, n + 1):
+            starts = np.arange(j)
+            cost = best[:j] + (j - starts) * sorted_lengths[j - 1]
+            cuts[b, j] = int(np.argmin(cost))
+            new[j] = cost[cuts[b, j]]
+        best = new
+    bounds, j = [], n
+    for b in reversed(range(k)):
+        i = cuts[b, j]
+        bounds.append((i, j))
+        j = i
+    return [order[i:j].tolist() for i, j in reversed(bounds)]
 
-    Empty groups get an empty [0, d] tensor. Every rank that calls this once per step runs one
-    forward per step, which is what ZeRO-3 needs.
+
+def _rows(part: dict, left_pad: bool) -> list[dict]:
+    """One tokenized group split into single-row features, each trimmed to its own length."""
+    out = []
+    for r, length in enumerate(part["attention_mask"].sum(1).tolist()):
+        cut = slice(-length, None) if left_pad else slice(0, length)
+        row = {k: v[r:r + 1, cut] if isinstance(v, torch.Tensor) and v.ndim == 2 else v for k, v in part.items()}
+        out.append(row)
+    return out
+
+
+def encode_groups(engine, model: SentenceTransformer, groups: list[TextGroup], device,
+                  buckets: int = 2) -> tuple[list[torch.Tensor], int]:
+    """Embeddings of every group from exactly `buckets` forwards through `engine` (length buckets),
+    and the non-padding tokens encoded. Empty groups get an empty [0, d] tensor.
+
+    Every rank that calls this once per step with the same `buckets` runs the same number of
+    forwards, which is what ZeRO-3 needs, whatever texts it holds.
     """
     sizes = [len(texts) for texts, _ in groups]
-    parts = [model.preprocess(texts, prompt=prompt or None) for texts, prompt in groups if texts]
     tokenizer = model.tokenizer
-    features = merge_features(parts, tokenizer.pad_token_id or 0, tokenizer.padding_side == "left")
-    tokens = int(features["attention_mask"].sum())  # counted on the host, before the copy: no device sync
-    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-    embeddings = engine(features)["sentence_embedding"]
+    pad_id, left_pad = tokenizer.pad_token_id or 0, tokenizer.padding_side == "left"
+    rows = [row for texts, prompt in groups if texts
+            for row in _rows(model.preprocess(texts, prompt=prompt or None), left_pad)]
+    n = len(rows)
+    rows += [rows[-1]] * max(0, buckets - n)  # too few texts for the buckets: repeat one, drop its output
+    lengths = [row["attention_mask"].shape[1] for row in rows]
+    tokens = sum(lengths[:n])  # counted on the host: no device sync
+    chunks = length_buckets(lengths, buckets)
+    outputs = []
+    for chunk in chunks:
+        features = merge_features([rows[i] for i in chunk], pad_id, left_pad)
+        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        outputs.append(engine(features)["sentence_embedding"])
+    order = torch.tensor([i for chunk in chunks for i in chunk], device=outputs[0].device)
+    embeddings = torch.cat(outputs)[torch.argsort(order)][:n]  # back to the groups' order
     return list(embeddings.split(sizes)), tokens

@@ -40,6 +40,9 @@ def parse_args(argv=None):
     data.add_argument("--data-config", default=str(DEMO_CONFIG), help="YAML/JSON task list (train/tasks.py)")
     data.add_argument("--task-schedule", default="cbb", choices=["cbb", "random"],
                       help="cbb: every task in every step; random: one random task per step (baseline)")
+    data.add_argument("--length-buckets", type=int, default=2,
+                      help="forwards per rank per step: a rank's texts sorted by length and cut into this many "
+                           "batches (the same on every rank, as ZeRO-3 needs)")
     loss = p.add_argument_group("losses")
     loss.add_argument("--cosent-scale", type=float, default=20.0, help="lambda of CoSENT")
     loss.add_argument("--expand-dim", default="auto",
@@ -151,7 +154,7 @@ def main(argv=None) -> None:
             + f"; {shape}")
 
     def encode(text_groups):
-        return encode_groups(engine, model, text_groups, engine.device)
+        return encode_groups(engine, model, text_groups, engine.device, args.length_buckets)
 
     def client_state() -> dict:
         return checkpoint_state(run, positions, miners, tasks)
@@ -174,7 +177,8 @@ def main(argv=None) -> None:
     # --- the release folder
     first = tasks[0]
     prompts = {"query": first.query_prompt, "passage": first.passage_prompt, "document": first.passage_prompt}
-    final = run.export(client_state(), embed=lambda texts, prompt: encode([(texts, prompt)])[0][0],
+    final = run.export(client_state(), embed=lambda texts, prompt: encode_groups(engine, model, [(texts, prompt)],
+                                                                                engine.device, 1)[0][0],
                        probe_texts=["如何训练中文向量模型？", "导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=first.query_prompt, rebuild=rebuild, prompts=prompts)
     if run.is_main:

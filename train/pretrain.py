@@ -95,7 +95,7 @@ def main(argv=None) -> None:
             f"ZeRO {engine.zero_optimization_stage()}, {'bf16' if engine.bfloat16_enabled() else 'fp32'}")
 
     def embed(texts: list[str], prompt: str):
-        (emb,), tokens = encode_groups(engine, model, [(texts, prompt)], engine.device)
+        (emb,), tokens = encode_groups(engine, model, [(texts, prompt)], engine.device, buckets=1)
         return emb, tokens
 
     def client_state() -> dict:
