@@ -76,3 +76,61 @@ def test_half_written_checkpoint_is_ignored_and_old_ones_rotate(tiny_model, tmp_
     assert latest_checkpoint(ckpts) == "step12"
     proc = pretrain(tiny_model, out, "--resume", "auto", "--max-steps", "14")
     assert "at step 12" in proc.stdout
+
+
+# --- a bad line met mid-run: every rank stops the same way, after a checkpoint; resume skips it --------
+
+def bad_copy(src: Path, dest: Path, n: int, bad_line: int) -> Path:
+    rows = open(src, encoding="utf-8").read().splitlines()[:n]
+    rows[bad_line - 1] = rows[bad_line - 1][:-5]  # cut off the closing of the JSON object
+    dest.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return dest
+
+
+def stopped_cleanly_on_every_rank(proc, where: str, ranks: int = 2) -> str:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count(f"data error: {where}: malformed JSON") == ranks, output[-3000:]
+    assert "Traceback" not in output and "Connection closed" not in output
+    return output
+
+
+def test_pretraining_stops_every_rank_at_a_late_bad_line_and_resumes_past_it(tiny_model, tmp_path):
+    bad = bad_copy(ROOT / "data/demo/pretrain/question_pairs.jsonl", tmp_path / "bad.jsonl", 40, 23)
+    args = ["--train-data", str(bad), "--group-buffer", "1", "--max-steps", "8", "--batch-size", "2",
+            "--save-steps", "100"]
+
+    def run(out, *extra, check=True):
+        return deepspeed_launch(PRETRAIN, "--model", str(tiny_model), "--output-dir", str(out), "--lr", "1e-3",
+                                "--trace-examples", *args, *extra, check=check)
+
+    stopped = stopped_cleanly_on_every_rank(run(tmp_path / "cut", check=False), f"{bad}:23")
+    assert "saved step 5; continue with --resume auto --skip-bad-lines" in stopped  # lines 21-24 are batch 6
+    assert latest_checkpoint(tmp_path / "cut/checkpoints") == "step5"
+    resumed = run(tmp_path / "cut", "--resume", "auto", "--skip-bad-lines")
+    assert "at step 5" in resumed.stdout and "done: 8 steps" in resumed.stdout
+    run(tmp_path / "whole", "--skip-bad-lines")
+    assert trace(tmp_path / "cut") == trace(tmp_path / "whole")  # no example lost or repeated
+
+
+def test_a_bad_line_in_a_task_held_by_one_rank_stops_both_ranks(tiny_model, tmp_path):
+    """CBB: the STS task lives on rank 1 only; rank 0 never reads its file, and still stops with the same message."""
+    import json
+    demo = ROOT / "data/demo/finetune"
+    sts = bad_copy(demo / "sts.jsonl", tmp_path / "sts.jsonl", 48, 30)
+    config = tmp_path / "tasks.json"
+    config.write_text(json.dumps({"tasks": {
+        "retrieval": {"type": "retrieval", "files": [str(demo / "retrieval.jsonl")], "batch_size": 4, "num_negatives": 2},
+        "sts": {"type": "sts", "files": [str(sts)], "batch_size": 8}}}))
+
+    def run(out, *extra, check=True):
+        return deepspeed_launch(ROOT / "train/finetune.py", "--model", str(tiny_model), "--data-config", str(config),
+                                "--output-dir", str(out), "--max-steps", "5", "--group-buffer", "1", "--save-steps",
+                                "100", "--expand-dim", "0", "--mrl-dims", "none", "--trace-examples", *extra, check=check)
+
+    stopped = stopped_cleanly_on_every_rank(run(tmp_path / "cut", check=False), f"{sts}:30")
+    assert "saved step 3" in stopped  # sts lines 25-32 are its 4th batch
+    resumed = run(tmp_path / "cut", "--resume", "auto", "--skip-bad-lines")
+    assert "at step 3" in resumed.stdout and "done: 5 steps" in resumed.stdout
+    run(tmp_path / "whole", "--skip-bad-lines")
+    assert trace(tmp_path / "cut") == trace(tmp_path / "whole")

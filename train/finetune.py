@@ -27,7 +27,7 @@ from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, lo
                          set_pooling, with_expansion)
 from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
 from train.release import push_to_hub, write_model_card
-from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run, stop_on_data_error
+from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
 from train.tasks import ConfigError, assign_ranks, load_data_config
 
 DEMO_CONFIG = ROOT / "data/demo/finetune/tasks.yaml"
@@ -40,6 +40,7 @@ def parse_args(argv=None):
     data.add_argument("--data-config", default=str(DEMO_CONFIG), help="YAML/JSON task list (train/tasks.py)")
     data.add_argument("--task-schedule", default="cbb", choices=["cbb", "random"],
                       help="cbb: every task in every step; random: one random task per step (baseline)")
+    data.add_argument("--group-buffer", type=int, default=64, help="global batches sorted by length together (1: off)")
     data.add_argument("--length-buckets", type=int, default=2,
                       help="forwards per rank per step: a rank's texts sorted by length and cut into this many "
                            "batches (the same on every rank, as ZeRO-3 needs)")
@@ -62,7 +63,8 @@ def open_tasks(args, world: int):
     try:
         config = load_data_config(args.data_config)
         assign_ranks(config.tasks, world, args.task_schedule)
-        streams = {t.name: task_stream(t, args.seed, args.max_length, args.skip_bad_lines) for t in config.tasks}
+        streams = {t.name: task_stream(t, args.seed, args.max_length, args.skip_bad_lines, args.group_buffer)
+                   for t in config.tasks}
     except (ConfigError, DataError) as e:
         raise SystemExit(f"config error: {e}") from None
     if min(s.batches_per_epoch() for s in streams.values()) == 0:
@@ -159,20 +161,29 @@ def main(argv=None) -> None:
     def client_state() -> dict:
         return checkpoint_state(run, positions, miners, tasks)
 
-    # --- the loop: every task of this rank in one forward, CBB-scaled, one optimizer step
-    with stop_on_data_error():
-        while not run.done:
-            now = tasks_this_step(tasks, rank, run.step, args.task_schedule, args.seed)
-            result = step_loss({t.name: next(batches[t.name]) for t in now}, now, encode, groups, rank, world,
-                               loss_settings, miners)
-            if not run.optimize(result.total, result.sources):
-                continue
-            for t in now:  # each task rank holds 1/|R_t| of the task's mean
-                run.record(t.name, result.losses[t.name], weight=1.0 / len(t.assigned))
-            run.record(now[0].name, result.total.new_zeros(()), weight=0.0, tokens=result.tokens)
-            if miners:
-                update_miners(miners, result.scores, run)
-            run.after_step(result.sources, client_state)
+    before: dict = {}  # the data positions at the start of the step being read
+
+    def read_step(now) -> dict:
+        before.update({name: dict(p) for name, p in positions.items()})
+        return {t.name: next(batches[t.name]) for t in now}
+
+    def undo_read() -> None:  # a bad line on some rank: every rank back to the last completed step
+        for name, p in before.items():
+            positions[name].update(p)
+
+    # --- the loop: every task of this rank in the same number of forwards, CBB-scaled, one optimizer step
+    while not run.done:
+        now = tasks_this_step(tasks, rank, run.step, args.task_schedule, args.seed)
+        step_batches = run.fetch(lambda: read_step(now), client_state, undo_read)
+        result = step_loss(step_batches, now, encode, groups, rank, world, loss_settings, miners)
+        if not run.optimize(result.total, result.sources):
+            continue
+        for t in now:  # each task rank holds 1/|R_t| of the task's mean
+            run.record(t.name, result.losses[t.name], weight=1.0 / len(t.assigned))
+        run.record(now[0].name, result.total.new_zeros(()), weight=0.0, tokens=result.tokens)
+        if miners:
+            update_miners(miners, result.scores, run)
+        run.after_step(result.sources, client_state)
 
     # --- the release folder
     first = tasks[0]

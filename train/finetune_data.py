@@ -99,9 +99,9 @@ def check_first_line(stream: JsonlStream, task: Task) -> None:
             raise DataError(f"{path}:{line_no}: {e}; a {task.type} task expects lines like {EXPECTED[task.type]}") from None
 
 
-def task_stream(task: Task, seed: int, max_chars: int, skip_bad_lines: bool) -> JsonlStream:
+def task_stream(task: Task, seed: int, max_chars: int, skip_bad_lines: bool, group_buffer: int = 64) -> JsonlStream:
     """The global-batch stream of one task (every rank of the task reads the same one)."""
-    common = dict(seed=seed, max_chars=max_chars, skip_bad_lines=skip_bad_lines)
+    common = dict(seed=seed, max_chars=max_chars, skip_bad_lines=skip_bad_lines, group_buffer=group_buffer)
     try:
         if task.type in ("retrieval", "pairs"):
             stream = PairStream(task.files, task.batch_size, num_negatives=task.num_negatives,

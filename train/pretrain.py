@@ -21,7 +21,7 @@ from train.data import DataError, PairStream, rank_slice
 from train.encoding import allow_mixed_prompts, encode_groups
 from train.losses import InfoNCELoss
 from train.model import DEFAULT_MODEL, load_model, set_pooling
-from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run, stop_on_data_error
+from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
 
 DEMO_DATA = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
 
@@ -105,25 +105,25 @@ def main(argv=None) -> None:
     # differ a lot (a prompt vs a response) and one batch would pad every query to passage length.
     # Every rank runs the same forwards, so ZeRO-3's collective parameter gathers stay in step.
     probe_texts = None
-    with stop_on_data_error():
-        while not run.done and (args.max_steps or epoch < args.epochs):
-            for global_batch in itertools.islice(stream.epoch(epoch), batch_in_epoch, None):
-                batch = rank_slice(global_batch, rank, world)
-                probe_texts = probe_texts or [ex.query for ex in global_batch[:8]]  # for the export check
-                q, q_tokens = embed([ex.query for ex in batch], query_prompt)
-                p, p_tokens = embed([ex.pos for ex in batch], passage_prompt)
-                n, n_tokens = embed([t for ex in batch for t in ex.neg], passage_prompt) if args.num_negatives else (None, 0)
-                loss = loss_fn(q, p, n)
-                batch_in_epoch += 1
-                sources = [ex.source for ex in batch]
-                if not run.optimize(loss, sources):
-                    continue
-                run.record("infonce", loss, tokens=q_tokens + p_tokens + n_tokens)
-                run.after_step(sources, client_state)
-                if run.done:
-                    break
-            else:  # the epoch ran out
+    while not run.done and (args.max_steps or epoch < args.epochs):
+        batches = itertools.islice(stream.epoch(epoch), batch_in_epoch, None)
+        while not run.done:
+            global_batch = run.fetch(lambda: next(batches, None), client_state)  # a bad line stops every rank
+            if global_batch is None:  # the epoch ran out
                 epoch, batch_in_epoch = epoch + 1, 0
+                break
+            batch = rank_slice(global_batch, rank, world)
+            probe_texts = probe_texts or [ex.query for ex in global_batch[:8]]  # for the export check
+            q, q_tokens = embed([ex.query for ex in batch], query_prompt)
+            p, p_tokens = embed([ex.pos for ex in batch], passage_prompt)
+            n, n_tokens = embed([t for ex in batch for t in ex.neg], passage_prompt) if args.num_negatives else (None, 0)
+            loss = loss_fn(q, p, n)
+            batch_in_epoch += 1
+            sources = [ex.source for ex in batch]
+            if not run.optimize(loss, sources):
+                continue
+            run.record("infonce", loss, tokens=q_tokens + p_tokens + n_tokens)
+            run.after_step(sources, client_state)
 
     # --- export: a final checkpoint, its fp32 weights, a sentence-transformers folder, checked
     prompts = {"query": query_prompt, "passage": passage_prompt, "document": passage_prompt}

@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import fault_injection
-from .checkpoint import save_checkpoint
+from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import DataError
 from .ds_config import build_optimizer, load_ds_config
 from .export import check_export, export_sentence_transformer, fp32_weights
@@ -106,15 +105,6 @@ def build_engine(model, args, micro_batch: int, world: int, total_steps: int):
     return engine, scheduler
 
 
-@contextmanager
-def stop_on_data_error():
-    """A bad line met mid-run: every rank reads the same stream, so every rank stops here, with file:line."""
-    try:
-        yield
-    except DataError as e:
-        raise SystemExit(f"data error: {e}\n(pass --skip-bad-lines to skip and count such lines)") from None
-
-
 class Run:
     """The state of a training run around the maths: step counter, bad-step guard, logs, checkpoints."""
 
@@ -137,6 +127,8 @@ class Run:
             self.writer = SummaryWriter(str(self.out_dir / "runs"))
         self.bar = tqdm(total=total_steps, initial=self.step, disable=not self.is_main, desc=desc, dynamic_ncols=True)
         self.trace = self._open_trace() if args.trace_examples else None
+        # control messages (a data error on some rank) go over gloo on the host: no device sync per step
+        self.control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
         engine.train()
 
     @property
@@ -146,6 +138,33 @@ class Run:
     def say(self, message: str) -> None:
         if self.is_main:
             self.bar.write(message)
+
+    def fetch(self, read: Callable, client_state: Callable[[], dict], undo: Callable[[], None] | None = None):
+        """`read()` this rank's data for the step, before any forward. A bad line met on any rank
+        (tasks held by one rank read data the others never see) stops every rank the same way:
+        `undo()` puts every rank's data position back to the last completed step, a checkpoint is
+        saved there, and every rank exits with the same file:line message, so `--resume auto
+        --skip-bad-lines` continues with no example lost or repeated."""
+        error = None
+        try:
+            data = read()
+        except DataError as e:
+            error, data = str(e), None
+        flag = torch.tensor([0.0 if error is None else 1.0])
+        dist.all_reduce(flag, group=self.control)
+        if not flag.item():
+            return data
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error, group=self.control)
+        message = next(e for e in errors if e)
+        if undo:
+            undo()
+        if self.step and latest_checkpoint(self.ckpt_dir) != f"step{self.step}":
+            save_checkpoint(self.engine, self.ckpt_dir, f"step{self.step}", client_state(), self.args.keep)
+        saved = f"saved step {self.step}; continue with --resume auto --skip-bad-lines" if self.step else \
+            "no step was completed; pass --skip-bad-lines to skip and count such lines"
+        self.close()
+        raise SystemExit(f"data error: {message}\n({saved})")
 
     def optimize(self, loss: torch.Tensor, sources: list[str]) -> bool:
         """Backward and optimizer step; False (and nothing stepped, on any rank) if the loss is NaN/Inf
