@@ -1,0 +1,443 @@
+"""The paper's ablation on our data, against the sentence-transformers trainer, in one command.
+
+    python bench/ablation.py            # the full table on multilingual-e5-small (offline), into README.md
+    python bench/ablation.py --quick    # a tiny model, a few steps, tiny dev sets: the wiring, in CI time
+
+Rows, all from the same base, on the same training data, with the same examples seen and seed:
+  base  the base model, untouched
+  a     sentence-transformers' trainer as a user sets it up: MultipleNegativesRankingLoss with the
+        hard negatives + CoSENTLoss, round-robin over the two data sets, no-duplicates batches
+  b     train/finetune.py, one random task per step (the FlagEmbedding / Piccolo baseline), static negatives
+  c     + CBB: every task in every step, ranks split between tasks
+  d     b + dynamic hard-negative mining (paper's v1 rule)
+  e     CBB + dynamic mining: the full recipe
+  f     e merged with the base, 0.5 / 0.5 (LM-Cocktail; train/merge.py), to keep general ability
+
+Training data (../shared/data, split once with a fixed seed; nothing here is tuned on the dev sets):
+  retrieval  the 598 CMRC-trial queries not held out (2 of 1,002 are empty and left out, counted)
+             -> their paragraph, 100 retrieval-zh and 100 SNLI-zh queries, shuffled; hard negatives
+             mined by the base model (data_prep/mine_negatives.py) from the 256 paragraphs and the
+             sets' own negatives, so every row trains on the same negatives. The first 400 queries
+             are kept: 800 seen = 2 epochs, so dynamic mining gets its second visit.
+  sts        STS-B-zh train (5,231 pairs) + 5,000 AFQMC train pairs
+Dev sets (no row trains on them), scored by eval/cmteb.py (mteb):
+  STS-B-zh validation (Spearman), a held-out AFQMC split (2,000 pairs, Spearman), the 402 held-out
+  CMRC queries against the full 256-paragraph corpus (nDCG@10), and out of domain: alpaca-zh
+  instruction -> response retrieval (300 pairs, nDCG@10).
+Each row's result is cached in OUT/results/<row>.json; a re-run only runs the rows that are missing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+ROWS = {
+    "base": "base model",
+    "a": "sentence-transformers trainer (MNRL + hard negatives, CoSENT, round robin)",
+    "b": "ours, random task per step, static negatives",
+    "c": "ours, CBB, static negatives",
+    "d": "ours, random task per step + dynamic mining",
+    "e": "ours, CBB + dynamic mining",
+    "f": "(e) merged with the base, 0.5/0.5 (LM-Cocktail)",
+}
+README_BEGIN, README_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+
+
+@dataclass
+class Budget:
+    """Everything that sizes a run; the rows differ only in the recipe. The full budget fits the
+    whole table in about an hour on 2 CPU cores (most of it CMRC paragraphs at 128 tokens)."""
+    steps: int = 50             # CBB steps; one-task-per-step rows take 2x as many
+    batch: int = 16             # examples per task per step
+    negatives: int = 1          # hard negatives per query
+    max_length: int = 128       # training length (the release keeps the base's 512)
+    lr: float = 2e-5
+    seed: int = 42
+    retrieval_rows: int = 400   # queries trained on: 800 seen = 2 epochs, so mining gets its second visit
+    cmrc_train: int = 0         # 0: every query not held out
+    cmrc_dev: int = 402
+    retrieval_zh: int = 100
+    snli: int = 100
+    stsb_train: int = 0         # 0: all
+    afqmc_train: int = 5000
+    afqmc_dev: int = 2000
+    stsb_dev: int = 0           # 0: all
+    alpaca_dev: int = 300
+    eval_batch: int = 32
+    perc_pos: float = 0.95      # mining's false-negative filter (TopK-PercPos)
+
+
+QUICK = Budget(steps=3, batch=4, negatives=2, max_length=32, lr=1e-4, retrieval_rows=6, cmrc_train=12, cmrc_dev=20,
+               retrieval_zh=4, snli=4, stsb_train=40, afqmc_train=40, afqmc_dev=40, stsb_dev=40, alpaca_dev=20,
+               eval_batch=16, perc_pos=100.0)  # a random tiny model scores everything alike: no filter
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run of every row")
+    p.add_argument("--out", default=None, help="default: bench/results/ablation[-quick]")
+    p.add_argument("--model", default=None, help="base model (default: multilingual-e5-small; --quick: a tiny model)")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    p.add_argument("--force", action="store_true", help="re-run rows that already have a result")
+    p.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- data
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: dict[str, list[str]]) -> Path:
+    write_jsonl(folder / "corpus.jsonl", corpus)
+    write_jsonl(folder / "queries.jsonl", queries)
+    with open(folder / "qrels.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for qid, docs in qrels.items():
+            for doc in docs:
+                f.write(f"{qid}\t{doc}\t1\n")
+    return folder
+
+
+def take(rows: list, n: int) -> list:
+    return rows if n == 0 else rows[:n]
+
+
+def split_data(data_dir: Path, b: Budget) -> dict:
+    """Train and dev files from ../shared/data, split once by a fixed seed. Returns what was skipped."""
+    rng = random.Random(0)
+    skipped = {}
+    # CMRC trial: queries split into train / dev; the dev set searches the full corpus
+    cmrc = SHARED / "cmrc2018-trial"
+    corpus = read_jsonl(cmrc / "corpus.jsonl")
+    text_of = {d["_id"]: d["text"] for d in corpus}
+    qrels: dict[str, list[str]] = {}
+    with open(cmrc / "qrels.tsv", encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t"):
+            if row[0] != "query-id":
+                qrels.setdefault(row[0], []).append(row[1])
+    queries = read_jsonl(cmrc / "queries.jsonl")
+    empty = [q["_id"] for q in queries if not q["text"].strip()]
+    skipped["cmrc empty queries"] = len(empty)
+    queries = [q for q in queries if q["text"].strip() and q["_id"] in qrels]
+    rng.shuffle(queries)
+    dev_q, train_q = queries[:b.cmrc_dev], take(queries[b.cmrc_dev:], b.cmrc_train)
+    write_beir(data_dir / "dev/cmrc", corpus, dev_q, {q["_id"]: qrels[q["_id"]] for q in dev_q})
+    retrieval = [{"query": q["text"], "pos": [text_of[d] for d in qrels[q["_id"]]]} for q in train_q]
+    extra_negatives = [d["text"] for d in corpus]
+    for name, n in (("retrieval-zh/train.jsonl", b.retrieval_zh), ("nli-zh/snli_zh_triplets.jsonl", b.snli)):
+        rows = read_jsonl(SHARED / name)
+        rng.shuffle(rows)
+        for row in rows[:n]:  # negatives go to the mining corpus: every row trains on the same mined ones
+            retrieval.append({"query": row["query"], "pos": row["pos"]})
+            extra_negatives += row.get("neg", [])
+    rng.shuffle(retrieval)
+    retrieval = take(retrieval, b.retrieval_rows)  # a random slice of every source
+    write_jsonl(data_dir / "train/retrieval_raw.jsonl", retrieval)
+    write_jsonl(data_dir / "train/mining_corpus.jsonl", [{"text": t} for t in dict.fromkeys(extra_negatives)])
+    # STS: STS-B train + an AFQMC train slice; another AFQMC slice is the dev set
+    stsb = read_jsonl(SHARED / "stsb-zh/train.jsonl")
+    afqmc = read_jsonl(SHARED / "afqmc/train.jsonl")
+    rng.shuffle(stsb)
+    rng.shuffle(afqmc)
+    sts = take(stsb, b.stsb_train) + afqmc[b.afqmc_dev:b.afqmc_dev + b.afqmc_train]
+    rng.shuffle(sts)
+    write_jsonl(data_dir / "train/sts.jsonl", [{k: r[k] for k in ("sentence1", "sentence2", "score")} for r in sts])
+    write_jsonl(data_dir / "dev/afqmc.jsonl", afqmc[:b.afqmc_dev])
+    write_jsonl(data_dir / "dev/stsb.jsonl", take(read_jsonl(SHARED / "stsb-zh/validation.jsonl"), b.stsb_dev))
+    # out of domain: LLM instruction -> response retrieval (no row trains on LLM data)
+    alpaca = json.load(open(SHARED / "llm-zh/alpaca_zh_demo.json", encoding="utf-8"))[:b.alpaca_dev]
+    write_beir(data_dir / "dev/alpaca", [{"_id": f"d{i}", "text": r["output"]} for i, r in enumerate(alpaca)],
+               [{"_id": f"q{i}", "text": (r["instruction"] + "\n" + r["input"]).strip()} for i, r in enumerate(alpaca)],
+               {f"q{i}": [f"d{i}"] for i in range(len(alpaca))})
+    return {"retrieval": len(retrieval), "sts": len(sts), "cmrc dev queries": len(dev_q), **skipped}
+
+
+def mine(data_dir: Path, base: str, b: Budget, env: dict) -> int:
+    """Ranked pools and S0 scores from the base model; `neg` = the first `negatives` of the pool.
+    Returns how many queries were left out because fewer than `negatives` candidates survived the filter."""
+    out, mined = data_dir / "train/retrieval.jsonl", data_dir / "train/retrieval_mined.jsonl"
+    if not mined.is_file():
+        subprocess.run([sys.executable, str(ROOT / "data_prep/mine_negatives.py"), "--model", base,
+                        "--input", str(data_dir / "train/retrieval_raw.jsonl"), "--output", str(mined),
+                        "--corpus", str(data_dir / "train/mining_corpus.jsonl"), "--top-k", "64",
+                        "--perc-pos", str(b.perc_pos), "--num-negatives", str(b.negatives)],
+                       check=True, env=env, cwd=ROOT)
+    rows = read_jsonl(mined)
+    kept = [r for r in rows if len(r["neg"]) >= b.negatives]  # every row needs the same number for the peer's columns
+    write_jsonl(out, kept)
+    return len(rows) - len(kept)
+
+
+def task_config(data_dir: Path, b: Budget, mining: bool) -> Path:
+    """Our data config: retrieval on one rank, STS on the other (the random schedule uses both for each)."""
+    retrieval = {"type": "retrieval", "files": ["train/retrieval.jsonl"], "batch_size": b.batch,
+                 "num_negatives": b.negatives, "ranks": 1}
+    if mining:
+        retrieval["mining"] = "v1"
+    config = {"tasks": {"retrieval": retrieval,
+                        "sts": {"type": "sts", "files": ["train/sts.jsonl"], "batch_size": b.batch, "ranks": 1}}}
+    path = data_dir / f"tasks{'_mining' if mining else ''}.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def dev_tasks(data_dir: Path) -> list:
+    from eval.local_tasks import local_retrieval, local_sts
+    return [local_sts(data_dir / "dev/stsb.jsonl", "STSB-zh-dev"), local_sts(data_dir / "dev/afqmc.jsonl", "AFQMC-dev"),
+            local_retrieval(data_dir / "dev/cmrc", "CMRC-dev"), local_retrieval(data_dir / "dev/alpaca", "Alpaca-OOD")]
+
+
+# --------------------------------------------------------------------------- rows
+
+def examples_seen(b: Budget, schedule: str) -> dict[str, int]:
+    """Examples per task that a run sees (the random schedule's draw is the loop's own)."""
+    if schedule == "cbb":
+        return {"retrieval": b.steps * b.batch, "sts": b.steps * b.batch}
+    from train.multitask import tasks_this_step
+    from train.tasks import Task
+    tasks = [Task("retrieval", "retrieval", [], b.batch), Task("sts", "sts", [], b.batch)]
+    seen = {"retrieval": 0, "sts": 0}
+    for step in range(2 * b.steps):
+        seen[tasks_this_step(tasks, 0, step, "random", b.seed)[0].name] += b.batch
+    return seen
+
+
+def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: dict, schedule: str, mining: bool) -> dict:
+    steps = b.steps if schedule == "cbb" else 2 * b.steps
+    run_dir = out / "runs" / row
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port", str(29400 + os.getpid() % 500), str(ROOT / "train/finetune.py"),
+           "--model", base, "--data-config", str(task_config(data_dir, b, mining)), "--task-schedule", schedule,
+           "--max-steps", str(steps), "--lr", str(b.lr), "--max-length", str(b.max_length), "--seed", str(b.seed),
+           "--output-dir", str(run_dir), "--log-steps", str(max(1, steps // 10)), "--save-steps", "100000"]
+    log = out / "logs" / f"{row}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"row {row}: training failed ({proc.returncode}); see {log}")
+    info = {"model": str(run_dir / "final"), "examples": examples_seen(b, schedule), "steps": steps}
+    if mining:
+        state = json.loads((run_dir / "mining_retrieval.json").read_text())
+        at = sorted(s for e in state["examples"].values() for s in e["replaced_at"])
+        info["mining"] = {"replaced": len(at), "examples_with_replacement": sum(1 for e in state["examples"].values()
+                                                                              if e["replaced"]),
+                          "first_step": at[0] if at else None, "last_step": at[-1] if at else None,
+                          "per_quarter": [sum(1 for s in at if q * steps / 4 < s <= (q + 1) * steps / 4)
+                                          for q in range(4)]}
+    return info
+
+
+def train_sentence_transformers(row: str, out: Path, data_dir: Path, base: str, b: Budget) -> dict:
+    """The peer, as its docs set it up; same prompts, length, lr, warmup and weight decay as ours."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.training_args import (BatchSamplers, MultiDatasetBatchSamplers,
+                                                                          SentenceTransformerTrainingArguments)
+    torch.set_num_threads(2)
+    model = SentenceTransformer(base, device="cpu", local_files_only=True)
+    release_length = model.max_seq_length
+    model.max_seq_length = b.max_length
+    qp, pp = model.prompts.get("query", ""), model.prompts.get("passage", "")
+    retrieval = read_jsonl(data_dir / "train/retrieval.jsonl")
+    columns = {"anchor": [r["query"] for r in retrieval], "positive": [r["pos"][0] for r in retrieval]}
+    for i in range(b.negatives):
+        columns[f"negative_{i + 1}"] = [r["neg"][i] for r in retrieval]
+    sts = read_jsonl(data_dir / "train/sts.jsonl")
+    data = {"retrieval": Dataset.from_dict(columns),
+            "sts": Dataset.from_dict({k: [r[k] for r in sts] for k in ("sentence1", "sentence2", "score")})}
+    prompts = {"retrieval": {"anchor": qp, **{c: pp for c in columns if c != "anchor"}},
+               "sts": {"sentence1": qp, "sentence2": qp}}
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out / "runs" / row), per_device_train_batch_size=b.batch, max_steps=2 * b.steps,
+        learning_rate=b.lr, warmup_ratio=0.1, weight_decay=0.01, seed=b.seed, use_cpu=True,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, multi_dataset_batch_sampler=MultiDatasetBatchSamplers.ROUND_ROBIN,
+        prompts=prompts, save_strategy="no", report_to="none", logging_steps=max(1, b.steps // 5),
+        dataloader_drop_last=True)
+    losses = {"retrieval": MultipleNegativesRankingLoss(model), "sts": CoSENTLoss(model)}
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=losses).train()
+    model.max_seq_length = release_length  # the same release rule as ours: the base's inference length
+    final = out / "runs" / row / "final"
+    model.save(str(final))
+    return {"model": str(final), "examples": {"retrieval": b.steps * b.batch, "sts": b.steps * b.batch},
+            "steps": 2 * b.steps}
+
+
+def merge_row(row: str, out: Path, base: str, source: dict) -> dict:
+    from train.merge import merge_release
+    final = merge_release(source["model"], base, 0.5, out / "runs" / row / "final")
+    return {"model": str(final), "examples": source["examples"], "steps": source["steps"], "mining": source.get("mining")}
+
+
+def evaluate_row(info: dict, data_dir: Path, out: Path, row: str, b: Budget) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from eval.cmteb import evaluate
+    model = SentenceTransformer(info["model"], device="cpu", local_files_only=True)
+    model.prompts.setdefault("document", model.prompts.get("passage", ""))
+    width = model.get_embedding_dimension()
+    base_width = info.get("base_width", width)
+    dims = [None] if width == base_width else [base_width, None]
+    scores = evaluate(model, dev_tasks(data_dir), dims, b.eval_batch, f"ablation-{row}", out / "eval" / row)
+    return {"scores": scores[None], "scores_base_width": scores[dims[0]], "width": width,
+            "max_seq_length": model.max_seq_length}
+
+
+# --------------------------------------------------------------------------- report
+
+def table(results: dict[str, dict], budget: Budget, machine: str) -> str:
+    base = results["base"]["scores"]
+    tasks = list(base)
+    head = ("| row | " + " | ".join(tasks) + " | average | worst vs base | average at base width "
+            "| negatives replaced (steps) | train s |")
+    lines = [head, "|" + "---|" * (len(tasks) + 6)]
+    for row, r in results.items():
+        s = r["scores"]
+        avg = 100 * sum(s.values()) / len(s)
+        worst = min(100 * (s[t] - base[t]) for t in tasks)
+        narrow = (f"{100 * sum(r['scores_base_width'].values()) / len(s):.2f}" if r["width"] != results["base"]["width"]
+                  else "=")
+        m = r.get("mining")
+        mined = f"{m['replaced']} ({m['first_step']}–{m['last_step']})" if m and m["replaced"] else ("0" if m else "—")
+        lines.append(f"| {row}: {ROWS[row]} | " + " | ".join(f"{100 * s[t]:.2f}" for t in tasks)
+                     + f" | **{avg:.2f}** | {'—' if row == 'base' else f'{worst:+.2f}'} | {narrow} | {mined} | "
+                     + (f"{r['seconds']:.0f}" if r.get("seconds") else "—") + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(results["base"]["scores"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(results)
+    for i, (row, r) in enumerate(results.items()):
+        ax.bar([t + i * width for t in range(len(tasks))], [100 * r["scores"][t] for t in tasks], width, label=row)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
+    low = min(100 * r["scores"][t] for r in results.values() for t in tasks)
+    ax.set_ylim(max(0, low - 5), None)
+    ax.set_ylabel("dev score x 100 (Spearman / nDCG@10)")
+    ax.legend(ncols=len(results), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    content = readme.read_text(encoding="utf-8")
+    if README_BEGIN not in content:
+        raise SystemExit(f"README.md has no {README_BEGIN} marker")
+    head, rest = content.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- main
+
+def prepare_base(args, out: Path) -> str:
+    if args.model:
+        from train.model import resolve_model
+        return resolve_model(args.model)[0]
+    if args.quick:
+        from tests.tiny_model import make_tiny_model
+        path = out / "tiny-base"
+        if not (path / "modules.json").is_file():
+            make_tiny_model(path, prompts={"query": "query: ", "passage": "passage: "})
+        return str(path)
+    from train.model import DEFAULT_MODEL, resolve_model
+    return resolve_model(DEFAULT_MODEL)[0]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    budget = QUICK if args.quick else Budget()
+    out = Path(args.out or ROOT / "bench/results" / ("ablation-quick" if args.quick else "ablation"))
+    rows = [r.strip() for r in args.rows.split(",")]
+    if set(rows) - set(ROWS):
+        raise SystemExit(f"--rows: unknown {sorted(set(rows) - set(ROWS))}; known: {', '.join(ROWS)}")
+    rows = ["base"] + [r for r in ROWS if r in rows and r != "base"]  # every table is relative to the base
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    out.mkdir(parents=True, exist_ok=True)
+    base = prepare_base(args, out)
+    data_dir = out / "data"
+    counts = split_data(data_dir, budget)
+    counts["retrieval left out: too few negatives after filtering"] = mine(data_dir, base, budget, env)
+    print(f"data: {counts}; budget: {asdict(budget)}")
+
+    from sentence_transformers import SentenceTransformer
+    base_width = SentenceTransformer(base, device="cpu", local_files_only=True).get_embedding_dimension()
+    results: dict[str, dict] = {}
+    for row in rows:
+        cached = out / "results" / f"{row}.json"
+        if cached.is_file() and not args.force:
+            results[row] = json.loads(cached.read_text())
+            continue
+        start = time.perf_counter()
+        if row == "base":
+            info = {"model": base, "examples": {}, "steps": 0}
+        elif row == "a":
+            info = train_sentence_transformers(row, out, data_dir, base, budget)
+        elif row == "f":
+            info = merge_row(row, out, base, results.get("e") or json.loads((out / "results/e.json").read_text()))
+        else:
+            schedule = "cbb" if row in ("c", "e") else "random"
+            info = train_ours(row, out, data_dir, base, budget, env, schedule, mining=row in ("d", "e"))
+        info["seconds"] = time.perf_counter() - start if row not in ("base", "f") else None
+        info["base_width"] = base_width
+        info.update(evaluate_row(info, data_dir, out, row, budget))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(info, indent=1))
+        results[row] = info
+        print(f"row {row}: {ROWS[row]}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in info["scores"].items()), flush=True)
+
+    machine = f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}, no GPU"
+    text = table(results, budget, machine)
+    plot(results, out / "ablation.png")
+    seen = {r: results[r]["examples"] for r in rows if r != "base"}
+    command = "python bench/ablation.py" + (" --quick" if args.quick else "")
+    report = (f"{text}\n\nCommand: `{command}` ({machine}). Examples seen per row (retrieval, sts): "
+              + "; ".join(f"{r} {s.get('retrieval', 0)}+{s.get('sts', 0)}" for r, s in seen.items())
+              + f". Budget: {budget.steps} CBB steps x ({budget.batch} retrieval + {budget.batch} sts), "
+              f"{budget.negatives} hard negatives per query, training length {budget.max_length}, lr {budget.lr:g}, "
+              f"seed {budget.seed}.")
+    (out / "table.md").write_text(report + "\n")
+    print(report)
+    if not args.quick and not args.no_readme and set(rows) == set(ROWS):
+        import shutil
+        shutil.copy(out / "ablation.png", ROOT / "docs/ablation.png")
+        write_readme(report + "\n\n![per-task dev scores](docs/ablation.png)")
+        print("README.md updated")
+    return results
+
+
+if __name__ == "__main__":
+    main()
