@@ -17,8 +17,9 @@ Training data (../shared/data, split once with a fixed seed; nothing here is tun
   retrieval  the 598 CMRC-trial queries not held out (2 of 1,002 are empty and left out, counted)
              -> their paragraph, 100 retrieval-zh and 100 SNLI-zh queries, shuffled; hard negatives
              mined by the base model (data_prep/mine_negatives.py) from the 256 paragraphs and the
-             sets' own negatives, so every row trains on the same negatives. The first 400 queries
-             are kept: 800 seen = 2 epochs, so dynamic mining gets its second visit.
+             sets' own negatives, so every row trains on the same negatives. 400 queries are drawn,
+             those with no candidate left after the false-negative filter are left out (counted in
+             the report), so 800 seen is 2+ epochs and dynamic mining gets its second visit.
   sts        STS-B-zh train (5,231 pairs) + 5,000 AFQMC train pairs
 Dev sets (no row trains on them), scored by eval/cmteb.py (mteb):
   STS-B-zh validation (Spearman), a held-out AFQMC split (2,000 pairs, Spearman), the 402 held-out
@@ -428,7 +429,7 @@ def main(argv=None) -> dict:
               + "; ".join(f"{r} {s.get('retrieval', 0)}+{s.get('sts', 0)}" for r, s in seen.items())
               + f". Budget: {budget.steps} CBB steps x ({budget.batch} retrieval + {budget.batch} sts), "
               f"{budget.negatives} hard negatives per query, training length {budget.max_length}, lr {budget.lr:g}, "
-              f"seed {budget.seed}.")
+              f"seed {budget.seed}. Data: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
     (out / "table.md").write_text(report + "\n")
     print(report)
     if not args.quick and not args.no_readme and set(rows) == set(ROWS):
