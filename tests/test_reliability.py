@@ -134,3 +134,22 @@ def test_a_bad_line_in_a_task_held_by_one_rank_stops_both_ranks(tiny_model, tmp_
     assert "at step 3" in resumed.stdout and "done: 5 steps" in resumed.stdout
     run(tmp_path / "whole", "--skip-bad-lines")
     assert trace(tmp_path / "cut") == trace(tmp_path / "whole")
+
+
+def test_validate_data_stops_every_rank_before_training_and_names_every_bad_line(tiny_model, tmp_path):
+    """--validate-data: two bad lines late in the file stop both ranks at step 0 with the same list."""
+    bad = bad_copy(ROOT / "data/demo/pretrain/question_pairs.jsonl", tmp_path / "bad.jsonl", 400, 390)
+    rows = bad.read_text(encoding="utf-8").splitlines()
+    rows[299] = '{"query": "", "pos": "x"}'
+    bad.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    args = ["--model", str(tiny_model), "--train-data", str(bad), "--batch-size", "2", "--max-steps", "2",
+            "--validate-data"]
+    proc = deepspeed_launch(PRETRAIN, *args, "--output-dir", str(tmp_path / "out"), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in output
+    assert output.count("data error: --validate-data: checked 400 lines") == 2, output[-3000:]
+    assert output.count(f"{bad}:300: 'query' is empty") == 2 and output.count(f"{bad}:390: malformed JSON") == 2
+    assert "pre-training" not in output and not (tmp_path / "out/checkpoints").exists()  # stopped before the model
+    # with --skip-bad-lines the verdict is a count, and training goes on
+    ok = deepspeed_launch(PRETRAIN, *args, "--skip-bad-lines", "--output-dir", str(tmp_path / "ok"))
+    assert "2 bad lines" in ok.stdout and "those 2 lines will be skipped" in ok.stdout and "done: 2 steps" in ok.stdout

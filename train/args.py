@@ -43,6 +43,9 @@ def add_training_args(g) -> None:
 
 def add_reliability_args(g) -> None:
     g.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad JSONL lines instead of stopping")
+    g.add_argument("--validate-data", action="store_true",
+                   help="check every line of the training data in parallel before the model loads "
+                        "(data_prep/validate.py): a bad line stops the run at step 0, not hours in")
     g.add_argument("--save-steps", type=int, default=500)
     g.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
     g.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep (0: all)")

@@ -153,7 +153,7 @@ def read_examples(path: Path, make: Callable, rng: random.Random, skipped: SkipR
             if not raw.strip():
                 continue
             try:
-                yield make(raw.decode("utf-8"), rng, f"{path}:{line_no}")
+                yield make(raw.rstrip(b"\r\n").decode("utf-8"), rng, f"{path}:{line_no}")
             except (UnicodeDecodeError, ValueError) as e:
                 reason = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
                 err = DataError(f"{path}:{line_no}: {reason}")

@@ -27,7 +27,7 @@ from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, lo
                          set_pooling, with_expansion)
 from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
 from train.release import push_to_hub, write_model_card
-from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
+from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run, validate_data
 from train.tasks import ConfigError, assign_ranks, load_data_config
 
 DEMO_CONFIG = ROOT / "data/demo/finetune/tasks.yaml"
@@ -62,6 +62,8 @@ def open_tasks(args, world: int):
     """Tasks validated, ranks assigned and data opened before the model is even loaded."""
     try:
         config = load_data_config(args.data_config)
+        if args.validate_data:
+            validate_data([(f, t.type, t.num_negatives) for t in config.tasks for f in t.files], args.skip_bad_lines)
         assign_ranks(config.tasks, world, args.task_schedule)
         streams = {t.name: task_stream(t, args.seed, args.max_length, args.skip_bad_lines, args.group_buffer)
                    for t in config.tasks}

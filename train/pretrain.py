@@ -21,7 +21,7 @@ from train.data import DataError, PairStream, rank_slice
 from train.encoding import allow_mixed_prompts, encode_groups
 from train.losses import InfoNCELoss
 from train.model import DEFAULT_MODEL, load_model, set_pooling
-from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
+from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run, validate_data
 
 DEMO_DATA = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
 
@@ -51,6 +51,9 @@ def expand_files(items: list[str]) -> list[Path]:
 
 def open_stream(args, world: int):
     """The same global stream on every rank (each keeps its slice), and the number of steps to train."""
+    if args.validate_data:
+        validate_data([(f, "pairs", args.num_negatives) for f in expand_files(args.train_data) if f.is_file()],
+                      args.skip_bad_lines)
     try:
         stream = PairStream(expand_files(args.train_data), global_batch=args.batch_size * world,
                             num_negatives=args.num_negatives, seed=args.seed, group_buffer=args.group_buffer,

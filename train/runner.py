@@ -62,6 +62,26 @@ def start_run(seed: int, timeout_minutes: float = 30) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def validate_data(files: list[tuple[Path, str, int]], skip_bad_lines: bool) -> None:
+    """--validate-data: rank 0 checks every line with all its cores (train/validation.py) before any
+    model loads, and every rank gets the verdict: all stop with the same file:line list, or with
+    --skip-bad-lines all go on knowing how many lines training will skip. (The other ranks wait in
+    the broadcast, within --dist-timeout.)"""
+    from .validation import validate
+    verdict: list = [None]
+    if dist.get_rank() == 0:
+        report = validate(files)
+        verdict[0] = (len(report.bad), report.summary())
+    dist.broadcast_object_list(verdict, src=0)
+    n_bad, summary = verdict[0]
+    if n_bad and not skip_bad_lines:
+        raise SystemExit(f"data error: --validate-data: {summary}\n(every bad line: python data_prep/validate.py "
+                         f"... --report bad.tsv; or train with --skip-bad-lines)")
+    if dist.get_rank() == 0:
+        print(summary + (f"; --skip-bad-lines: those {n_bad} lines will be skipped and counted" if n_bad else ""),
+              flush=True)
+
+
 def local_rank_zero_first(fn, *args, **kwargs):
     """fn(...) on each node's local rank 0 first (it may build the offline model copy), then the rest."""
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
