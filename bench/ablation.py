@@ -242,14 +242,17 @@ def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: d
         raise SystemExit(f"row {row}: training failed ({proc.returncode}); see {log}")
     info = {"model": str(run_dir / "final"), "examples": examples_seen(b, schedule), "steps": steps}
     if mining:
-        state = json.loads((run_dir / "mining_retrieval.json").read_text())
-        at = sorted(s for e in state["examples"].values() for s in e["replaced_at"])
-        info["mining"] = {"replaced": len(at), "examples_with_replacement": sum(1 for e in state["examples"].values()
-                                                                              if e["replaced"]),
-                          "first_step": at[0] if at else None, "last_step": at[-1] if at else None,
-                          "per_quarter": [sum(1 for s in at if q * steps / 4 < s <= (q + 1) * steps / 4)
-                                          for q in range(4)]}
+        info["mining"] = mining_summary(run_dir, steps)
     return info
+
+
+def mining_summary(run_dir: Path, steps: int) -> dict:
+    """How many negatives dynamic mining replaced, and when (from the run's saved mining state)."""
+    state = json.loads((run_dir / "mining_retrieval.json").read_text())
+    at = sorted(s for e in state["examples"].values() for s in e["replaced_at"])
+    return {"replaced": len(at), "examples_with_replacement": sum(1 for e in state["examples"].values() if e["replaced"]),
+            "first_step": at[0] if at else None, "last_step": at[-1] if at else None,
+            "per_quarter": [sum(1 for s in at if q * steps / 4 < s <= (q + 1) * steps / 4) for q in range(4)]}
 
 
 def train_sentence_transformers(row: str, out: Path, data_dir: Path, base: str, b: Budget) -> dict:
@@ -294,6 +297,27 @@ def merge_row(row: str, out: Path, base: str, source: dict) -> dict:
     from train.merge import merge_release
     final = merge_release(source["model"], base, 0.5, out / "runs" / row / "final")
     return {"model": str(final), "examples": source["examples"], "steps": source["steps"], "mining": source.get("mining")}
+
+
+def train_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: dict, results: dict, force: bool) -> dict:
+    """Train (or merge) one row. What a finished training returns is kept in runs/<row>/trained.json, so a
+    run stopped during evaluation starts again at the evaluation, not at step 0."""
+    trained = out / "runs" / row / "trained.json"
+    if trained.is_file() and not force:
+        return json.loads(trained.read_text())
+    start = time.perf_counter()
+    if row == "base":
+        return {"model": base, "examples": {}, "steps": 0, "seconds": None}
+    if row == "a":
+        info = train_sentence_transformers(row, out, data_dir, base, b)
+    elif row == "f":
+        info = merge_row(row, out, base, results.get("e") or json.loads((out / "results/e.json").read_text()))
+    else:
+        schedule = "cbb" if row in ("c", "e") else "random"
+        info = train_ours(row, out, data_dir, base, b, env, schedule, mining=row in ("d", "e"))
+    info["seconds"] = time.perf_counter() - start if row != "f" else None
+    trained.write_text(json.dumps(info, indent=1))
+    return info
 
 
 def evaluate_row(info: dict, data_dir: Path, out: Path, row: str, b: Budget) -> dict:
@@ -402,17 +426,7 @@ def main(argv=None) -> dict:
         if cached.is_file() and not args.force:
             results[row] = json.loads(cached.read_text())
             continue
-        start = time.perf_counter()
-        if row == "base":
-            info = {"model": base, "examples": {}, "steps": 0}
-        elif row == "a":
-            info = train_sentence_transformers(row, out, data_dir, base, budget)
-        elif row == "f":
-            info = merge_row(row, out, base, results.get("e") or json.loads((out / "results/e.json").read_text()))
-        else:
-            schedule = "cbb" if row in ("c", "e") else "random"
-            info = train_ours(row, out, data_dir, base, budget, env, schedule, mining=row in ("d", "e"))
-        info["seconds"] = time.perf_counter() - start if row not in ("base", "f") else None
+        info = train_row(row, out, data_dir, base, budget, env, results, args.force)
         info["base_width"] = base_width
         info.update(evaluate_row(info, data_dir, out, row, budget))
         cached.parent.mkdir(parents=True, exist_ok=True)
