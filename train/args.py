@@ -54,3 +54,20 @@ def add_reliability_args(g) -> None:
     g.add_argument("--stop-at-step", type=int, default=0,
                    help="stop after saving this step's checkpoint, as if preempted (continue with --resume auto)")
     g.add_argument("--trace-examples", action="store_true", help="write the examples of every step to OUTPUT_DIR/trace/")
+
+
+def add_stream_args(g) -> None:
+    """How the data stream shuffles and groups (train.data.JsonlStream)."""
+    g.add_argument("--group-buffer", type=int, default=64, help="global batches sorted by length together (1: off)")
+    g.add_argument("--shuffle-buffer", type=int, default=0,
+                   help="examples shuffled together before length grouping (0: --group-buffer global batches); "
+                        "a resume re-reads at most this many")
+    g.add_argument("--shard-mb", type=float, default=64, help="files are shuffled in byte ranges of this size")
+    g.add_argument("--open-shards", type=int, default=16, help="shards read at once (bounds the open files)")
+    g.add_argument("--prefetch", type=int, default=4,
+                   help="global batches read and parsed ahead in a background thread (0: off)")
+
+
+def stream_options(args) -> dict:
+    return dict(group_buffer=args.group_buffer, shuffle_buffer=args.shuffle_buffer,
+                shard_bytes=max(1, int(args.shard_mb * (1 << 20))), open_shards=args.open_shards)

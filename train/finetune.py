@@ -12,14 +12,15 @@ DeepSpeed's gradient average equals grad(sum_t w_t L_t), and steps (train/multit
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
 from sentence_transformers import SentenceTransformer
 
-from train.args import ROOT, base_parser
+from train.args import ROOT, add_stream_args, base_parser, stream_options
 from train.checkpoint import resume
-from train.data import DataError
+from train.data import DataError, prefetched
 from train.encoding import allow_mixed_prompts, encode_groups
 from train.finetune_data import task_batches, task_stream
 from train.mining import HardNegativeMiner, MiningRule, plot_history
@@ -27,7 +28,8 @@ from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, lo
                          set_pooling, with_expansion)
 from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
 from train.release import push_to_hub, write_model_card
-from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run, validate_data
+from train.runner import (Run, build_engine, end_run, local_rank_zero_first, shared_index, start_run,
+                          validate_data)
 from train.tasks import ConfigError, assign_ranks, load_data_config
 
 DEMO_CONFIG = ROOT / "data/demo/finetune/tasks.yaml"
@@ -40,7 +42,7 @@ def parse_args(argv=None):
     data.add_argument("--data-config", default=str(DEMO_CONFIG), help="YAML/JSON task list (train/tasks.py)")
     data.add_argument("--task-schedule", default="cbb", choices=["cbb", "random"],
                       help="cbb: every task in every step; random: one random task per step (baseline)")
-    data.add_argument("--group-buffer", type=int, default=64, help="global batches sorted by length together (1: off)")
+    add_stream_args(data)
     data.add_argument("--length-buckets", type=int, default=2,
                       help="forwards per rank per step: a rank's texts sorted by length and cut into this many "
                            "batches (the same on every rank, as ZeRO-3 needs)")
@@ -65,7 +67,8 @@ def open_tasks(args, world: int):
         if args.validate_data:
             validate_data([(f, t.type, t.num_negatives) for t in config.tasks for f in t.files], args.skip_bad_lines)
         assign_ranks(config.tasks, world, args.task_schedule)
-        streams = {t.name: task_stream(t, args.seed, args.max_length, args.skip_bad_lines, args.group_buffer)
+        streams = {t.name: task_stream(t, args.seed, args.max_length, args.skip_bad_lines, **stream_options(args),
+                                       indexer=shared_index(Path(args.output_dir) / "data_index"))
                    for t in config.tasks}
     except (ConfigError, DataError) as e:
         raise SystemExit(f"config error: {e}") from None
@@ -151,7 +154,8 @@ def main(argv=None) -> None:
     positions = client["positions"] if client else {t.name: {"epoch": 0, "batch": 0} for t in tasks}
     miners = ({n: HardNegativeMiner.from_state_dict(m) for n, m in client.get("mining", {}).items()} if client else
               {t.name: HardNegativeMiner(t.num_negatives, MiningRule(**t.mining)) for t in tasks if t.mining})
-    batches = {t.name: task_batches(streams[t.name], positions[t.name]) for t in tasks}
+    batches = {t.name: prefetched(partial(task_batches, streams[t.name]), positions[t.name], args.prefetch)
+               for t in tasks if rank in t.assigned}  # a rank reads only its own tasks
     run = Run(engine, scheduler, args, total_steps, metrics=[t.name for t in tasks], desc="finetune", client=client)
     run.say(f"fine-tuning {base_name} ({args.task_schedule}), {total_steps} steps on {world} ranks: "
             + "; ".join(f"{t.name} ({t.type}) x{t.batch_size} w={t.weight:g} on ranks {t.assigned}" for t in tasks)
@@ -171,6 +175,7 @@ def main(argv=None) -> None:
 
     def undo_read() -> None:  # a bad line on some rank: every rank back to the last completed step
         for name, p in before.items():
+            positions[name].clear()
             positions[name].update(p)
 
     # --- the loop: every task of this rank in the same number of forwards, CBB-scaled, one optimizer step

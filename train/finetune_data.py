@@ -9,7 +9,6 @@ each text needs a same-label text as its positive and other-label texts as its n
 """
 from __future__ import annotations
 
-import itertools
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -68,20 +67,60 @@ class ClassificationStream(JsonlStream):
             self._cache = (usable, dict(by_label))
         return self._cache
 
-    def examples(self, rng: random.Random) -> Iterator[Example]:
+    def source(self, epoch: int, rng: random.Random, state: dict | None = None) -> "LabelledSource":
         rows, by_label = self._records()
-        labels = sorted(by_label)
         order = list(range(len(rows)))
-        rng.shuffle(order)
-        for i in order:
-            text, label, source = rows[i]
-            same = [t for t in by_label[label] if t != text] or by_label[label]
-            others = [lab for lab in labels if lab != label]
-            negatives = [rng.choice(by_label[rng.choice(others)]) for _ in range(self.num_negatives)]
-            yield Example(text, rng.choice(same), negatives, source)
+        random.Random(f"{self.seed}-{epoch}-order").shuffle(order)
+        return LabelledSource(rows, by_label, order, rng, self.num_negatives, state["next"] if state else 0)
 
     def batches_per_epoch(self) -> int:
         return len(self._records()[0]) // self.global_batch
+
+
+@dataclass
+class LabelledSource:
+    """One epoch of a classification set in shuffled order; its state is how far it got."""
+    rows: list[tuple[str, str, str]]
+    by_label: dict[str, list[str]]
+    order: list[int]
+    rng: random.Random
+    num_negatives: int
+    next: int = 0
+
+    def __iter__(self):
+        return self
+
+    def __post_init__(self):
+        self.labels = sorted(self.by_label)
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+
+    def __next__(self) -> Example:
+        if self.next >= len(self.order):
+            raise StopIteration
+        text, label, source = self.rows[self.order[self.next]]
+        self.next += 1
+        negatives = [self.rng.choice(self.by_label[self.other_label(label)]) for _ in range(self.num_negatives)]
+        return Example(text, self.positive(text, label), negatives, source)
+
+    # both in O(1) per example (a scan of the label's texts would make an epoch O(N^2) on big labels)
+    def positive(self, text: str, label: str) -> str:
+        """Another text of the same label (a duplicate of `text` only if the label holds nothing else)."""
+        texts = self.by_label[label]
+        for _ in range(8):
+            other = self.rng.choice(texts)
+            if other != text:
+                return other
+        return self.rng.choice([t for t in texts if t != text] or texts)
+
+    def other_label(self, label: str) -> str:
+        k = self.rng.randrange(len(self.labels) - 1)
+        return self.labels[k + (k >= self.label_index[label])]
+
+    def state_dict(self) -> dict:
+        return {"next": self.next}
+
+    def close(self) -> None:
+        pass
 
 
 EXPECTED = {"retrieval": '{"query", "pos": [...], "neg": [...]}', "pairs": '{"query", "pos"}',
@@ -99,9 +138,10 @@ def check_first_line(stream: JsonlStream, task: Task) -> None:
             raise DataError(f"{path}:{line_no}: {e}; a {task.type} task expects lines like {EXPECTED[task.type]}") from None
 
 
-def task_stream(task: Task, seed: int, max_chars: int, skip_bad_lines: bool, group_buffer: int = 64) -> JsonlStream:
-    """The global-batch stream of one task (every rank of the task reads the same one)."""
-    common = dict(seed=seed, max_chars=max_chars, skip_bad_lines=skip_bad_lines, group_buffer=group_buffer)
+def task_stream(task: Task, seed: int, max_chars: int, skip_bad_lines: bool, **options) -> JsonlStream:
+    """The global-batch stream of one task (every rank of the task reads the same one); `options`:
+    JsonlStream's shuffling and grouping settings (group_buffer, shuffle_buffer, shard_bytes, open_shards)."""
+    common = dict(seed=seed, max_chars=max_chars, skip_bad_lines=skip_bad_lines, **options)
     try:
         if task.type in ("retrieval", "pairs"):
             stream = PairStream(task.files, task.batch_size, num_negatives=task.num_negatives,
@@ -122,16 +162,14 @@ def task_stream(task: Task, seed: int, max_chars: int, skip_bad_lines: bool, gro
         raise DataError(f"task '{task.name}': {e}") from None
 
 
-def task_batches(stream: JsonlStream, state: dict) -> Iterator[list]:
-    """A task's global batches forever, epoch after epoch, from state['batch'] of state['epoch'].
-
-    `state` is updated as batches are taken, so it is the position to save in a checkpoint.
-    """
+def task_batches(stream: JsonlStream, position: dict) -> Iterator[list]:
+    """A task's global batches forever, epoch after epoch, from `position` ({"epoch": 0, "batch": 0}
+    or one a checkpoint saved). `position` is kept up to date as batches are taken."""
     while True:
-        for global_batch in itertools.islice(stream.epoch(state["epoch"]), state["batch"], None):
-            state["batch"] += 1
-            yield global_batch
-        state["epoch"], state["batch"] = state["epoch"] + 1, 0
+        yield from stream.batches(position)
+        epoch = position["epoch"] + 1
+        position.clear()
+        position.update(epoch=epoch, batch=0)
 
 
 __all__ = ["StsExample", "ClassificationStream", "task_stream", "task_batches", "SkipReport"]

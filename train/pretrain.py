@@ -10,18 +10,18 @@ maths (the guarded step, logs, checkpoints, export) is train/runner.py's.
 """
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
-from train.args import ROOT, base_parser
+from train.args import ROOT, add_stream_args, base_parser, stream_options
 from train.checkpoint import resume
-from train.data import DataError, PairStream, rank_slice
+from train.data import DataError, PairStream, prefetched, rank_slice
 from train.encoding import allow_mixed_prompts, encode_groups
 from train.losses import InfoNCELoss
 from train.model import DEFAULT_MODEL, load_model, set_pooling
-from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run, validate_data
+from train.runner import (Run, build_engine, end_run, local_rank_zero_first, shared_index, start_run,
+                          validate_data)
 
 DEMO_DATA = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
 
@@ -33,7 +33,7 @@ def parse_args(argv=None):
                       help="JSONL files or folders of them: {query, pos[, neg]}")
     data.add_argument("--batch-size", type=int, default=16, help="examples per rank per step")
     data.add_argument("--num-negatives", type=int, default=0, help="hard negatives per example (data needs 'neg')")
-    data.add_argument("--group-buffer", type=int, default=64, help="global batches sorted by length together (1: off)")
+    add_stream_args(data)
     prompts = p.add_argument_group("prompts")
     prompts.add_argument("--query-prompt", default=None, help="default: the model's 'query' prompt (e5: 'query: ')")
     prompts.add_argument("--passage-prompt", default=None, help="default: the model's 'passage' prompt")
@@ -56,14 +56,22 @@ def open_stream(args, world: int):
                       args.skip_bad_lines)
     try:
         stream = PairStream(expand_files(args.train_data), global_batch=args.batch_size * world,
-                            num_negatives=args.num_negatives, seed=args.seed, group_buffer=args.group_buffer,
-                            skip_bad_lines=args.skip_bad_lines, max_chars=args.max_length)
+                            num_negatives=args.num_negatives, seed=args.seed, skip_bad_lines=args.skip_bad_lines,
+                            max_chars=args.max_length, indexer=shared_index(Path(args.output_dir) / "data_index"),
+                            **stream_options(args))
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     if stream.batches_per_epoch() == 0:
         raise SystemExit(f"data error: {stream.num_lines} lines cannot fill one global batch of "
                          f"{args.batch_size} x {world} ranks; lower --batch-size")
     return stream, args.max_steps or stream.batches_per_epoch() * args.epochs
+
+
+def saved_position(client: dict | None) -> dict:
+    """The data position a checkpoint saved (older checkpoints counted batches only)."""
+    if not client:
+        return {"epoch": 0, "batch": 0}
+    return client.get("position") or {"epoch": client["epoch"], "batch": client["batch_in_epoch"]}
 
 
 def report_data(stream) -> None:
@@ -90,7 +98,7 @@ def main(argv=None) -> None:
     # --- engine, resumed state
     engine, scheduler = build_engine(model, args, args.batch_size, world, total_steps)
     client = resume(engine, Path(args.output_dir) / "checkpoints", args.resume)
-    epoch, batch_in_epoch = (client["epoch"], client["batch_in_epoch"]) if client else (0, 0)
+    position = saved_position(client)  # where in the data: epoch, and block and batch within it
     run = Run(engine, scheduler, args, total_steps, metrics=["infonce"], desc="pretrain", client=client)
     loss_fn = InfoNCELoss(args.temperature)
     run.say(f"pre-training {model_source} on {stream.num_lines} lines from {len(stream.paths)} files, "
@@ -102,18 +110,18 @@ def main(argv=None) -> None:
         return emb, tokens
 
     def client_state() -> dict:
-        return dict(step=run.step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+        return dict(step=run.step, position=dict(position))
 
     # --- the loop. Queries, passages and negatives are encoded in separate forwards: their lengths
     # differ a lot (a prompt vs a response) and one batch would pad every query to passage length.
     # Every rank runs the same forwards, so ZeRO-3's collective parameter gathers stay in step.
     probe_texts = None
-    while not run.done and (args.max_steps or epoch < args.epochs):
-        batches = itertools.islice(stream.epoch(epoch), batch_in_epoch, None)
+    while not run.done and (args.max_steps or position["epoch"] < args.epochs):
+        batches = prefetched(stream.batches, position, args.prefetch)  # keeps `position` up to date
         while not run.done:
             global_batch = run.fetch(lambda: next(batches, None), client_state)  # a bad line stops every rank
             if global_batch is None:  # the epoch ran out
-                epoch, batch_in_epoch = epoch + 1, 0
+                position = {"epoch": position["epoch"] + 1, "batch": 0}
                 break
             batch = rank_slice(global_batch, rank, world)
             probe_texts = probe_texts or [ex.query for ex in global_batch[:8]]  # for the export check
@@ -121,7 +129,6 @@ def main(argv=None) -> None:
             p, p_tokens = embed([ex.pos for ex in batch], passage_prompt)
             n, n_tokens = embed([t for ex in batch for t in ex.neg], passage_prompt) if args.num_negatives else (None, 0)
             loss = loss_fn(q, p, n)
-            batch_in_epoch += 1
             sources = [ex.source for ex in batch]
             if not run.optimize(loss, sources):
                 continue

@@ -82,6 +82,39 @@ def validate_data(files: list[tuple[Path, str, int]], skip_bad_lines: bool) -> N
               flush=True)
 
 
+def shared_index(cache_dir: Path) -> Callable:
+    """A shard indexer for JsonlStream (train.data.index_shards) that reads each file once per run,
+    not once per rank: rank 0 indexes it, or loads the index an earlier start of this run saved in
+    `cache_dir` (same path, size, mtime and shard size), and sends it to every rank. An error on
+    rank 0 reaches every rank, so none waits in the broadcast."""
+    import hashlib
+    import json
+
+    from .data import Shard, index_shards
+
+    def index(file: int, path: Path, shard_bytes: int) -> list[Shard]:
+        box: list = [None]
+        if dist.get_rank() == 0:
+            try:
+                st = path.stat()
+                key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{shard_bytes}".encode()).hexdigest()
+                cached = cache_dir / f"{key}.json"
+                if cached.is_file():
+                    box[0] = json.loads(cached.read_text())
+                else:
+                    box[0] = [[s.start, s.end, s.first_line, s.lines] for s in index_shards(file, path, shard_bytes)]
+                    cache_dir.mkdir(parents=True, exist_ok=True)
+                    cached.with_suffix(".tmp").write_text(json.dumps(box[0]))
+                    cached.with_suffix(".tmp").rename(cached)
+            except OSError as e:
+                box[0] = f"{path}: cannot index: {e}"
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            raise DataError(box[0])
+        return [Shard(file, *row) for row in box[0]]
+    return index
+
+
 def local_rank_zero_first(fn, *args, **kwargs):
     """fn(...) on each node's local rank 0 first (it may build the offline model copy), then the rest."""
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
@@ -141,6 +174,8 @@ class Run:
         # per metric: sum of values and of weights since the last log, kept on the device: no sync per step
         self._sums = torch.zeros(2 * len(self.metrics), dtype=torch.float64, device=engine.device)
         self._tokens, self._t_log = 0, time.time()
+        # time spent waiting for data, against the whole time since the first fetch (the input share)
+        self.input_s, self._t_first_fetch, self._t_train_end = 0.0, None, None
         self.writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -165,11 +200,13 @@ class Run:
         `undo()` puts every rank's data position back to the last completed step, a checkpoint is
         saved there, and every rank exits with the same file:line message, so `--resume auto
         --skip-bad-lines` continues with no example lost or repeated."""
-        error = None
+        error, started = None, time.perf_counter()
+        self._t_first_fetch = self._t_first_fetch or started
         try:
             data = read()
         except DataError as e:
             error, data = str(e), None
+        self.input_s += time.perf_counter() - started
         flag = torch.tensor([0.0 if error is None else 1.0])
         dist.all_reduce(flag, group=self.control)
         if not flag.item():
@@ -246,8 +283,17 @@ class Run:
                 self.writer.add_scalar(f"loss/{m}", v, self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
             self.writer.add_scalar("train/tokens_per_s", tok_s, self.step)
+            self.writer.add_scalar("train/input_share", self.input_share, self.step)
         self._sums.zero_()
         self._tokens, self._t_log = 0, time.time()
+
+    @property
+    def input_share(self) -> float:
+        """The fraction of the time since the first step that this rank waited for its data."""
+        if self._t_first_fetch is None:
+            return 0.0
+        end = self._t_train_end or time.perf_counter()
+        return self.input_s / max(end - self._t_first_fetch, 1e-9)
 
     def _open_trace(self):
         """Which examples each step trained on; on resume cut back to the checkpoint's step."""
@@ -265,6 +311,7 @@ class Run:
         `embed(texts, prompt)` encodes through the engine (every rank takes part: ZeRO-3 gathers
         weights in forward); `rebuild()` makes the untrained model with the same modules, on CPU.
         """
+        self._t_train_end = time.perf_counter()  # the input share is of the training time, not the export's
         self.bar.close()
         tag = f"step{self.step}"
         save_checkpoint(self.engine, self.ckpt_dir, tag, client_state, self.args.keep)
@@ -279,6 +326,8 @@ class Run:
                          self.args.max_length)
             if self.skipped_steps:
                 print(f"skipped {self.skipped_steps} steps with a NaN or Inf loss")
+            print(f"input: {100 * self.input_share:.1f}% of the training time went to waiting for data "
+                  f"({self.input_s:.1f} s; --prefetch {self.args.prefetch})")
         return final
 
     def close(self) -> None:
