@@ -176,9 +176,13 @@ def test_a_file_sorted_by_topic_gives_mixed_batches(tmp_path):
 
 
 def test_every_line_once_per_epoch_with_many_shards_and_few_open_files(tmp_path):
-    files = [topic_file(tmp_path / f"part{i}.jsonl", topics=2, per_topic=20 + i) for i in range(30)]
+    # 5,000 files (the usual sharded layout), some cut into several shards, 4 open at a time
+    long = GOOD.replace("？", "?" * 400)  # every 50th file is long enough to be cut into shards
+    files = [write(tmp_path / f"part{i:04d}.jsonl", [GOOD] * (1 + i % 3) + [long] * (i % 50 == 0))
+             for i in range(5000)]
     fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
-    stream = PairStream(files, global_batch=8, shard_bytes=1024, open_shards=4)
+    stream = PairStream(files, global_batch=8, shard_bytes=256, open_shards=4)
+    assert len(stream.shards) > len(files)
     before, most, seen = fds(), 0, []
     for batch in stream.epoch(0):
         most = max(most, fds() - before)
