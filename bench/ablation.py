@@ -233,7 +233,8 @@ def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: d
            "--master_port", str(29400 + os.getpid() % 500), str(ROOT / "train/finetune.py"),
            "--model", base, "--data-config", str(task_config(data_dir, b, mining)), "--task-schedule", schedule,
            "--max-steps", str(steps), "--lr", str(b.lr), "--max-length", str(b.max_length), "--seed", str(b.seed),
-           "--output-dir", str(run_dir), "--log-steps", str(max(1, steps // 10)), "--save-steps", "100000"]
+           "--output-dir", str(run_dir), "--log-steps", str(max(1, steps // 10)), "--save-steps", "100000",
+           "--merge-weight", "1"]  # rows b-e are the recipe as trained; row f is the merge
     log = out / "logs" / f"{row}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:

@@ -19,7 +19,7 @@ def test_finetune_runs_and_exports_a_matryoshka_model(tiny_model, tmp_path, rank
                             "--log-steps", "1", "--expand-dim", "48", "--mrl-dims", "16,32,48", "--lr", "1e-3",
                             "--max-length", "32", "--expansion-lr", "1e-2", num_gpus=ranks)
     assert "export check: reloaded model matches the engine" in proc.stdout
-    final = out / "final"
+    final = out / "final_unmerged"  # the model as trained; out / "final" is its merge with the base
     check = torch.load(out / "export_check.pt")
 
     full = SentenceTransformer(str(final), device="cpu")
@@ -39,6 +39,17 @@ def test_finetune_runs_and_exports_a_matryoshka_model(tiny_model, tmp_path, rank
     assert list(final.glob("*.safetensors")) and (final / "modules.json").is_file()
     modules = [m["type"] for m in json.loads((final / "modules.json").read_text())]
     assert any(t.endswith("Dense") for t in modules)
+
+    # the release merges the encoder with the base by default (LM-Cocktail, --merge-weight 0.5)
+    from safetensors.torch import load_file
+    merged, trained = load_file(out / "final/model.safetensors"), load_file(final / "model.safetensors")
+    base = load_file(tiny_model / "model.safetensors")
+    for name in base:
+        assert torch.allclose(merged[name], 0.5 * trained[name] + 0.5 * base[name], atol=1e-6), name
+    assert any((trained[n] - base[n]).abs().max() > 1e-4 for n in base)  # training moved the encoder
+    released = SentenceTransformer(str(out / "final"), device="cpu")
+    assert released.get_embedding_dimension() == 48 and released.max_seq_length == 64
+    assert "Merged with the base model" in (out / "final/README.md").read_text()
 
 
 def test_a_fine_tuned_model_fine_tunes_again_with_the_default_flags(tiny_model, tmp_path):

@@ -12,6 +12,7 @@ DeepSpeed's gradient average equals grad(sum_t w_t L_t), and steps (train/multit
 from __future__ import annotations
 
 import json
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from train.checkpoint import resume
 from train.data import DataError, prefetched
 from train.encoding import allow_mixed_prompts, encode_groups
 from train.finetune_data import task_batches, task_stream
+from train.merge import merge_release
 from train.mining import HardNegativeMiner, MiningRule, plot_history
 from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, load_model, matryoshka_dims,
                          set_pooling, with_expansion)
@@ -55,6 +57,9 @@ def parse_args(argv=None):
                       help="learning rate of the expansion layer (default: --lr)")
     loss.add_argument("--mrl-dims", default="auto", help="comma-separated Matryoshka dims, auto, or none")
     loss.add_argument("--mrl-weights", default=None, help="comma-separated weights (default: all 1)")
+    p.add_argument("--merge-weight", type=float, default=0.5,
+                   help="release = w x fine-tuned + (1 - w) x the base model (LM-Cocktail; it won the ablation "
+                        "in README); the unmerged model is kept in OUTPUT_DIR/final_unmerged; 1: no merge")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the release folder to this Hub repo")
     p.set_defaults(output_dir="output/finetune", lr=1e-5, warmup_ratio=0.1)
     return p.parse_args(argv)
@@ -139,6 +144,17 @@ def write_release_extras(run: Run, final: Path, streams: dict, miners: dict, tas
                      release_length=model.max_seq_length)
 
 
+def merge_with_base(final: Path, base: str, weight: float) -> None:
+    """The release keeps general ability: the fine-tuned folder moves to final_unmerged and `final`
+    becomes its LM-Cocktail merge with the base (bench/ablation.py, row f against row e)."""
+    unmerged = final.parent / "final_unmerged"
+    shutil.rmtree(unmerged, ignore_errors=True)
+    final.rename(unmerged)
+    merge_release(unmerged, base, weight, final)
+    print(f"release: {weight:g} x fine-tuned + {1 - weight:g} x {base} in {final}; "
+          f"the fine-tuned model as trained: {unmerged} (--merge-weight 1: no merge)")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world = start_run(args.seed, args.dist_timeout)
@@ -201,6 +217,8 @@ def main(argv=None) -> None:
                        probe_prompt=first.query_prompt, rebuild=rebuild, prompts=prompts)
     if run.is_main:
         write_release_extras(run, final, streams, miners, tasks, base_name, loss_settings.dims, args)
+        if args.merge_weight < 1:
+            merge_with_base(final, base_name, args.merge_weight)
         print(f"done: {run.step} steps; release folder {final}")
         if args.push_to_hub:
             print(f"pushed to {push_to_hub(final, args.push_to_hub)}")
