@@ -321,7 +321,9 @@ class JsonlStream:
             if not p.is_file():
                 raise DataError(f"{p}: no such file")
         self.shards = [s for i, p in enumerate(self.paths) for s in self.indexer(i, p, self.shard_bytes)]
-        self.sizes = [sum(s.lines for s in self.shards if s.file == i) for i in range(len(self.paths))]
+        self.sizes = [0] * len(self.paths)  # lines per file, in one pass (a corpus may have thousands of files)
+        for shard in self.shards:
+            self.sizes[shard.file] += shard.lines
         for p, n in zip(self.paths, self.sizes):
             if n == 0:
                 raise DataError(f"{p}: the file is empty")
