@@ -80,7 +80,7 @@ class Budget:
     perc_pos: float = 0.95      # mining's false-negative filter (TopK-PercPos)
 
 
-QUICK = Budget(steps=3, batch=4, negatives=2, max_length=32, lr=1e-4, retrieval_rows=6, cmrc_train=12, cmrc_dev=20,
+QUICK = Budget(steps=3, batch=4, negatives=2, max_length=32, lr=1e-4, retrieval_rows=16, cmrc_train=12, cmrc_dev=20,
                retrieval_zh=4, snli=4, stsb_train=40, afqmc_train=40, afqmc_dev=40, stsb_dev=40, alpaca_dev=20,
                eval_batch=16, perc_pos=100.0)  # a random tiny model scores everything alike: no filter
 
@@ -286,7 +286,11 @@ def train_sentence_transformers(row: str, out: Path, data_dir: Path, base: str, 
         prompts=prompts, save_strategy="no", report_to="none", logging_steps=max(1, b.steps // 5),
         dataloader_drop_last=True)
     losses = {"retrieval": MultipleNegativesRankingLoss(model), "sts": CoSENTLoss(model)}
-    SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=losses).train()
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=losses)
+    trainer.train()
+    if trainer.state.global_step != 2 * b.steps:  # e.g. no-duplicates batches could not be formed from the data
+        raise SystemExit(f"row {row}: the sentence-transformers trainer ran {trainer.state.global_step} of "
+                         f"{2 * b.steps} steps")
     model.max_seq_length = release_length  # the same release rule as ours: the base's inference length
     final = out / "runs" / row / "final"
     model.save(str(final))

@@ -223,7 +223,7 @@ def test_resume_from_any_position_reads_only_what_is_left(tmp_path):
 
 
 def test_prefetch_gives_the_same_batches_and_positions_and_the_error_in_its_place(tmp_path):
-    from train.data import prefetched
+    from train.prefetch import prefetched
     rows = [json.dumps({"query": f"问题{i}", "pos": f"答案{i}" * (i % 7 + 1)}, ensure_ascii=False) for i in range(200)]
     path = write(tmp_path / "p.jsonl", rows[:150] + ["{oops"] + rows[150:])
     options = dict(global_batch=4, shard_bytes=512, open_shards=2, shuffle_buffer=40)

@@ -204,9 +204,10 @@ def mining_config(mined, tmp_path_factory):
 
 
 def run_finetune(tiny_model, config, out, *extra):
+    """With GradCache (--mini-batch 5): mining reads its scores from the cached embeddings."""
     return deepspeed_launch(ROOT / "train/finetune.py", "--model", str(tiny_model), "--data-config", str(config),
                             "--output-dir", str(out), "--max-steps", "8", "--save-steps", "100", "--lr", "5e-3",
-                            "--expand-dim", "0", "--mrl-dims", "none", "--log-steps", "2", *extra)
+                            "--expand-dim", "0", "--mrl-dims", "none", "--log-steps", "2", "--mini-batch", "5", *extra)
 
 
 def test_two_ranks_share_one_mining_state_and_resume_continues_it(tiny_model, mining_config, tmp_path):

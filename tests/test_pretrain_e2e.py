@@ -22,14 +22,14 @@ def with_negatives(tmp_path: Path, n: int = 40) -> Path:
     return path
 
 
-@pytest.mark.parametrize("stage, negatives", [(2, 0), (3, 1)])
-def test_two_rank_pretrain_exports_what_the_engine_trained(tiny_model, tmp_path, stage, negatives):
+@pytest.mark.parametrize("stage, negatives, mini_batch", [(2, 0, 0), (3, 1, 3)])
+def test_two_rank_pretrain_exports_what_the_engine_trained(tiny_model, tmp_path, stage, negatives, mini_batch):
     out = tmp_path / "run"
     data = [str(with_negatives(tmp_path))] if negatives else [str(p) for p in (ROOT / "data/demo/pretrain").glob("*.jsonl")]
     proc = deepspeed_launch(PRETRAIN, "--model", str(tiny_model), "--train-data", *data,
                             "--output-dir", str(out), "--deepspeed-config", f"ds_configs/zero{stage}.json",
                             "--batch-size", "4", "--max-steps", "6", "--save-steps", "3", "--log-steps", "2",
-                            "--num-negatives", str(negatives), "--lr", "1e-3",
+                            "--num-negatives", str(negatives), "--lr", "1e-3", "--mini-batch", str(mini_batch),
                             "--query-prompt", "query: ", "--passage-prompt", "passage: ")
     assert "export check: reloaded model matches the engine" in proc.stdout
 

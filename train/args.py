@@ -37,6 +37,9 @@ def add_training_args(g) -> None:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="fills gradient_clipping: auto")
     g.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPUs that have it")
+    g.add_argument("--mini-batch", type=int, default=0,
+                   help="GradCache: encode in mini-batches of this many texts and take the loss on the whole "
+                        "cached batch, so the batch is bounded by time, not activation memory (0: off)")
     g.add_argument("--log-steps", type=int, default=10)
     g.add_argument("--seed", type=int, default=42)
 
@@ -65,7 +68,7 @@ def add_stream_args(g) -> None:
     g.add_argument("--shard-mb", type=float, default=64, help="files are shuffled in byte ranges of this size")
     g.add_argument("--open-shards", type=int, default=16, help="shards read at once (bounds the open files)")
     g.add_argument("--prefetch", type=int, default=4,
-                   help="global batches read and parsed ahead in a background thread (0: off)")
+                   help="global batches read, parsed (and in pre-training tokenized) ahead in a background thread (0: off)")
 
 
 def stream_options(args) -> dict:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import queue
 import random
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,48 +396,6 @@ class JsonlStream:
             batches += [part[i:i + b] for i in range(0, len(part), b)]
         rng.shuffle(batches)
         return batches
-
-
-class Prefetch:
-    """The batches of `batches(position)` read, parsed and grouped ahead in a background thread, so
-    input overlaps the step (JSON parsing holds the GIL only between the step's torch calls, which
-    release it). The thread works on its own copy of the position; each batch comes with the
-    position just after it, and `position` is set to that when the batch is taken, so a checkpoint
-    still saves exactly what was trained on. A DataError is raised here, in order, with `position`
-    at the start of the block that holds the bad line."""
-
-    _END = object()
-
-    def __init__(self, batches: Callable[[dict], Iterator[list]], position: dict, depth: int = 4):
-        self.position, self.queue = position, queue.Queue(max(1, depth))
-        self.thread = threading.Thread(target=self._produce, args=(batches, dict(position)), daemon=True)
-        self.thread.start()
-
-    def _produce(self, batches: Callable, ahead: dict) -> None:
-        try:
-            for batch in batches(ahead):
-                self.queue.put((batch, dict(ahead), None))
-            self.queue.put((self._END, dict(ahead), None))
-        except Exception as e:  # handed to the consumer, raised at the batch it belongs to
-            self.queue.put((None, dict(ahead), e))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> list:
-        batch, position, error = self.queue.get()
-        self.position.clear()
-        self.position.update(position)
-        if error is not None:
-            raise error
-        if batch is self._END:
-            raise StopIteration
-        return batch
-
-
-def prefetched(batches: Callable[[dict], Iterator[list]], position: dict, depth: int) -> Iterator[list]:
-    """`batches(position)`, made `depth` batches ahead in a thread (0: in the step, as it is asked for)."""
-    return Prefetch(batches, position, depth) if depth > 0 else batches(position)
 
 
 def PairStream(paths: list[Path], global_batch: int, num_negatives: int = 0, sample_negatives: bool = True,

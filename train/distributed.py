@@ -1,11 +1,25 @@
 """The few collective helpers the losses need; DeepSpeed does everything else."""
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
 
 LOCAL = "local"  # a "group" of just this rank: gathers are the identity
+_gather_seconds = [0.0]  # wall time in the losses' gathers, forward and backward (host tensors only, below)
+
+
+def gather_seconds() -> float:
+    """Seconds spent so far in all_gather_with_grad, forward and backward, including the wait for the
+    slowest rank. Counted for host (gloo) tensors only: a CUDA collective returns before it has run."""
+    return _gather_seconds[0]
+
+
+def _count(started: float, x: torch.Tensor) -> None:
+    if x.device.type == "cpu":
+        _gather_seconds[0] += time.perf_counter() - started
 
 
 def world_size(group=None) -> int:
@@ -31,15 +45,19 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        started = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
+        _count(started, x)
         ctx.rows, ctx.group = x.shape[0], group
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        started = time.perf_counter()
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        _count(started, grad)
         me = rank(ctx.group)
         return grad[me * ctx.rows:(me + 1) * ctx.rows], None
 

@@ -17,6 +17,8 @@ pools each prompt's rows separately with the library's code (`MixedPromptPooling
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -128,29 +130,57 @@ def _rows(part: dict, left_pad: bool) -> list[dict]:
     return out
 
 
-def encode_groups(engine, model: SentenceTransformer, groups: list[TextGroup], device,
-                  buckets: int = 2) -> tuple[list[torch.Tensor], int]:
+@dataclass
+class Tokenized:
+    """Text groups tokenized row by row (each row trimmed to its own length), ready to be cut into
+    forwards: `sizes` texts per group, in the groups' order."""
+    rows: list[dict]
+    sizes: list[int]
+    pad_id: int
+    left_pad: bool
+
+    def __add__(self, other: "Tokenized") -> "Tokenized":
+        return Tokenized(self.rows + other.rows, self.sizes + other.sizes, self.pad_id, self.left_pad)
+
+    @property
+    def tokens(self) -> int:
+        """Non-padding tokens, counted on the host: no device sync."""
+        return sum(row["attention_mask"].shape[1] for row in self.rows)
+
+
+def tokenize_groups(model: SentenceTransformer, groups: list[TextGroup]) -> Tokenized:
+    """Tokenize every group with its prompt through the library's `model.preprocess`. Safe to run in
+    the prefetch thread while the step computes (the fast tokenizer releases the GIL), as long as no
+    other thread tokenizes with the same model at the same time."""
+    tokenizer = model.tokenizer
+    pad_id, left_pad = tokenizer.pad_token_id or 0, tokenizer.padding_side == "left"
+    rows = [row for texts, prompt in groups if texts
+            for row in _rows(model.preprocess(texts, prompt=prompt or None), left_pad)]
+    return Tokenized(rows, [len(texts) for texts, _ in groups], pad_id, left_pad)
+
+
+def to_device(features: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+def encode_tokenized(engine, tokenized: Tokenized, device, buckets: int = 2) -> tuple[list[torch.Tensor], int]:
     """Embeddings of every group from exactly `buckets` forwards through `engine` (length buckets),
     and the non-padding tokens encoded. Empty groups get an empty [0, d] tensor.
 
     Every rank that calls this once per step with the same `buckets` runs the same number of
     forwards, which is what ZeRO-3 needs, whatever texts it holds.
     """
-    sizes = [len(texts) for texts, _ in groups]
-    tokenizer = model.tokenizer
-    pad_id, left_pad = tokenizer.pad_token_id or 0, tokenizer.padding_side == "left"
-    rows = [row for texts, prompt in groups if texts
-            for row in _rows(model.preprocess(texts, prompt=prompt or None), left_pad)]
-    n = len(rows)
-    rows += [rows[-1]] * max(0, buckets - n)  # too few texts for the buckets: repeat one, drop its output
-    lengths = [row["attention_mask"].shape[1] for row in rows]
-    tokens = sum(lengths[:n])  # counted on the host: no device sync
-    chunks = length_buckets(lengths, buckets)
-    outputs = []
-    for chunk in chunks:
-        features = merge_features([rows[i] for i in chunk], pad_id, left_pad)
-        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-        outputs.append(engine(features)["sentence_embedding"])
+    rows, n = tokenized.rows, len(tokenized.rows)
+    rows = rows + [rows[-1]] * max(0, buckets - n)  # too few texts for the buckets: repeat one, drop its output
+    chunks = length_buckets([row["attention_mask"].shape[1] for row in rows], buckets)
+    outputs = [engine(to_device(merge_features([rows[i] for i in chunk], tokenized.pad_id, tokenized.left_pad),
+                                device))["sentence_embedding"] for chunk in chunks]
     order = torch.tensor([i for chunk in chunks for i in chunk], device=outputs[0].device)
     embeddings = torch.cat(outputs)[torch.argsort(order)][:n]  # back to the groups' order
-    return list(embeddings.split(sizes)), tokens
+    return list(embeddings.split(tokenized.sizes)), tokenized.tokens
+
+
+def encode_groups(engine, model: SentenceTransformer, groups: list[TextGroup], device,
+                  buckets: int = 2) -> tuple[list[torch.Tensor], int]:
+    """tokenize_groups, then encode_tokenized: the embeddings of every group from exactly `buckets` forwards."""
+    return encode_tokenized(engine, tokenize_groups(model, groups), device, buckets)

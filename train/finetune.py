@@ -21,14 +21,15 @@ from sentence_transformers import SentenceTransformer
 
 from train.args import ROOT, add_stream_args, base_parser, stream_options
 from train.checkpoint import resume
-from train.data import DataError, prefetched
-from train.encoding import allow_mixed_prompts, encode_groups
+from train.data import DataError
+from train.encoding import allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.finetune_data import task_batches, task_stream
 from train.merge import merge_release
 from train.mining import HardNegativeMiner, MiningRule, plot_history
 from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, load_model, matryoshka_dims,
                          set_pooling, with_expansion)
 from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
+from train.prefetch import close_prefetch, prefetched
 from train.release import push_to_hub, write_model_card
 from train.runner import (Run, build_engine, end_run, local_rank_zero_first, shared_index, start_run,
                           validate_data)
@@ -177,8 +178,12 @@ def main(argv=None) -> None:
             + "; ".join(f"{t.name} ({t.type}) x{t.batch_size} w={t.weight:g} on ranks {t.assigned}" for t in tasks)
             + f"; {shape}")
 
-    def encode(text_groups):
-        return encode_groups(engine, model, text_groups, engine.device, args.length_buckets)
+    cache = run.grad_cache()  # --mini-batch: GradCache
+
+    def encode(text_groups):  # tokenized here, not in the prefetch thread: mining may swap a negative up to this step
+        tokenized = tokenize_groups(model, text_groups)
+        return cache.encode(tokenized) if cache else \
+            encode_tokenized(engine, tokenized, engine.device, args.length_buckets)
 
     def client_state() -> dict:
         return checkpoint_state(run, positions, miners, tasks)
@@ -199,14 +204,18 @@ def main(argv=None) -> None:
         now = tasks_this_step(tasks, rank, run.step, args.task_schedule, args.seed)
         step_batches = run.fetch(lambda: read_step(now), client_state, undo_read)
         result = step_loss(step_batches, now, encode, groups, rank, world, loss_settings, miners)
-        if not run.optimize(result.total, result.sources):
+        if not run.optimize(result.total, result.sources, backward=cache.backward if cache else None):
             continue
         for t in now:  # each task rank holds 1/|R_t| of the task's mean
             run.record(t.name, result.losses[t.name], weight=1.0 / len(t.assigned))
         run.record(now[0].name, result.total.new_zeros(()), weight=0.0, tokens=result.tokens)
         if miners:
-            update_miners(miners, result.scores, run)
+            with run.timed("mining"):
+                update_miners(miners, result.scores, run)
         run.after_step(result.sources, client_state)
+
+    for reader in batches.values():
+        close_prefetch(reader)
 
     # --- the release folder
     first = tasks[0]

@@ -16,10 +16,11 @@ from sentence_transformers import SentenceTransformer
 
 from train.args import ROOT, add_stream_args, base_parser, stream_options
 from train.checkpoint import resume
-from train.data import DataError, PairStream, prefetched, rank_slice
-from train.encoding import allow_mixed_prompts, encode_groups
+from train.data import DataError, PairStream, rank_slice
+from train.encoding import Tokenized, allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.losses import InfoNCELoss
 from train.model import DEFAULT_MODEL, load_model, set_pooling
+from train.prefetch import close_prefetch, prefetched
 from train.runner import (Run, build_engine, end_run, local_rank_zero_first, shared_index, start_run,
                           validate_data)
 
@@ -105,41 +106,52 @@ def main(argv=None) -> None:
             f"{world} ranks x {args.batch_size} = {args.batch_size * world} per step, {total_steps} steps, "
             f"ZeRO {engine.zero_optimization_stage()}, {'bf16' if engine.bfloat16_enabled() else 'fp32'}")
 
-    def embed(texts: list[str], prompt: str):
-        (emb,), tokens = encode_groups(engine, model, [(texts, prompt)], engine.device, buckets=1)
-        return emb, tokens
+    def embed(texts: list[str], prompt: str):  # for the export check
+        return encode_groups(engine, model, [(texts, prompt)], engine.device, buckets=1)[0][0]
+
+    def tokenize(global_batch: list) -> tuple[list, Tokenized]:  # runs in the prefetch thread
+        batch = rank_slice(global_batch, rank, world)
+        groups = [([ex.query for ex in batch], query_prompt), ([ex.pos for ex in batch], passage_prompt)]
+        if args.num_negatives:
+            groups.append(([t for ex in batch for t in ex.neg], passage_prompt))
+        return global_batch, tokenize_groups(model, groups)
+
+    # Queries, passages and negatives differ a lot in length (a prompt vs a response), so a rank's
+    # texts are sorted by length and cut into as many forwards as there are text kinds, the cuts
+    # placed to waste the fewest padded tokens. Every rank runs the same forwards, so ZeRO-3's
+    # collective parameter gathers stay in step. With --mini-batch, GradCache encodes them instead.
+    cache = run.grad_cache()
+    buckets = 3 if args.num_negatives else 2
 
     def client_state() -> dict:
         return dict(step=run.step, position=dict(position))
 
-    # --- the loop. Queries, passages and negatives are encoded in separate forwards: their lengths
-    # differ a lot (a prompt vs a response) and one batch would pad every query to passage length.
-    # Every rank runs the same forwards, so ZeRO-3's collective parameter gathers stay in step.
+    # --- the loop
     probe_texts = None
     while not run.done and (args.max_steps or position["epoch"] < args.epochs):
-        batches = prefetched(stream.batches, position, args.prefetch)  # keeps `position` up to date
+        batches = prefetched(stream.batches, position, args.prefetch, prepare=tokenize)  # keeps `position` up to date
         while not run.done:
-            global_batch = run.fetch(lambda: next(batches, None), client_state)  # a bad line stops every rank
-            if global_batch is None:  # the epoch ran out
+            fetched = run.fetch(lambda: next(batches, None), client_state)  # a bad line stops every rank
+            if fetched is None:  # the epoch ran out
                 position = {"epoch": position["epoch"] + 1, "batch": 0}
                 break
-            batch = rank_slice(global_batch, rank, world)
+            global_batch, tokenized = fetched
             probe_texts = probe_texts or [ex.query for ex in global_batch[:8]]  # for the export check
-            q, q_tokens = embed([ex.query for ex in batch], query_prompt)
-            p, p_tokens = embed([ex.pos for ex in batch], passage_prompt)
-            n, n_tokens = embed([t for ex in batch for t in ex.neg], passage_prompt) if args.num_negatives else (None, 0)
-            loss = loss_fn(q, p, n)
-            sources = [ex.source for ex in batch]
-            if not run.optimize(loss, sources):
+            (q, p, *n), tokens = cache.encode(tokenized) if cache else \
+                encode_tokenized(engine, tokenized, engine.device, buckets)
+            loss = loss_fn(q, p, n[0] if n else None)
+            sources = [ex.source for ex in rank_slice(global_batch, rank, world)]
+            if not run.optimize(loss, sources, backward=cache.backward if cache else None):
                 continue
-            run.record("infonce", loss, tokens=q_tokens + p_tokens + n_tokens)
+            run.record("infonce", loss, tokens=tokens)
             run.after_step(sources, client_state)
+        close_prefetch(batches)  # no tokenizing in the background while the export encodes
 
     # --- export: a final checkpoint, its fp32 weights, a sentence-transformers folder, checked
     prompts = {"query": query_prompt, "passage": passage_prompt, "document": passage_prompt}
     rebuild = lambda: set_pooling(SentenceTransformer(model_source, device="cpu", local_files_only=local_only),  # noqa: E731
                                   args.pooling)
-    final = run.export(client_state(), embed=lambda texts, prompt: embed(texts, prompt)[0],
+    final = run.export(client_state(), embed=embed,
                        probe_texts=probe_texts or ["导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=query_prompt, rebuild=rebuild, prompts=prompts)
     if run.is_main:

@@ -13,10 +13,12 @@ stopping, and the release export.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -176,6 +178,7 @@ class Run:
         self._tokens, self._t_log = 0, time.time()
         # time spent waiting for data, against the whole time since the first fetch (the input share)
         self.input_s, self._t_first_fetch, self._t_train_end = 0.0, None, None
+        self.tokens_total, self.timings = 0, {}  # for the end-of-run figures (bench/throughput.py reads them)
         self.writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -223,9 +226,10 @@ class Run:
         self.close()
         raise SystemExit(f"data error: {message}\n({saved})")
 
-    def optimize(self, loss: torch.Tensor, sources: list[str]) -> bool:
+    def optimize(self, loss: torch.Tensor, sources: list[str], backward: Callable | None = None) -> bool:
         """Backward and optimizer step; False (and nothing stepped, on any rank) if the loss is NaN/Inf
-        on some rank. After --max-bad-steps such losses in a row the run stops, naming the batch."""
+        on some rank. After --max-bad-steps such losses in a row the run stops, naming the batch.
+        `backward(loss)` replaces engine.backward (GradCache's)."""
         self.attempt += 1
         loss = fault_injection.at_step(self.attempt, self.rank, loss)
         if not finite_on_all_ranks(loss):
@@ -236,10 +240,16 @@ class Run:
             self.say(f"step {self.step + 1}: NaN/Inf loss, step skipped on all ranks ({self.skipped_steps} so far)")
             return False
         self.bad_in_a_row = 0
-        self.engine.backward(loss)
+        (backward or self.engine.backward)(loss)
         self.engine.step()
         self.step += 1
         return True
+
+    def grad_cache(self):
+        """GradCache for --mini-batch N, or None when it is off (train/grad_cache.py)."""
+        from .grad_cache import GradCache
+        mini_batch = getattr(self.args, "mini_batch", 0)
+        return GradCache(self.engine, mini_batch, self.engine.device, self.control) if mini_batch else None
 
     def record(self, metric: str, value: torch.Tensor, weight: float = 1.0, tokens: int = 0) -> None:
         """Add to a logged mean: value * weight over weight, summed over ranks and steps until the next log."""
@@ -247,6 +257,7 @@ class Run:
         self._sums[i] += value.detach().double() * weight
         self._sums[len(self.metrics) + i] += weight
         self._tokens += tokens
+        self.tokens_total += tokens
 
     def after_step(self, sources: list[str], client_state: Callable[[], dict]) -> None:
         """Trace, log, checkpoint; at --stop-at-step, leave as if preempted (the checkpoint is saved)."""
@@ -263,6 +274,15 @@ class Run:
             self.say(f"stopped at step {self.step} (--stop-at-step); continue with --resume auto")
             self.close()
             end_run()
+
+    @contextmanager
+    def timed(self, name: str):
+        """Add the block's wall time to `timings[name]` (reported with the input share at the end)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
 
     def log_scalar(self, name: str, value: float) -> None:
         if self.writer:
@@ -312,6 +332,7 @@ class Run:
         weights in forward); `rebuild()` makes the untrained model with the same modules, on CPU.
         """
         self._t_train_end = time.perf_counter()  # the input share is of the training time, not the export's
+        stats = self.train_stats()
         self.bar.close()
         tag = f"step{self.step}"
         save_checkpoint(self.engine, self.ckpt_dir, tag, client_state, self.args.keep)
@@ -328,7 +349,23 @@ class Run:
                 print(f"skipped {self.skipped_steps} steps with a NaN or Inf loss")
             print(f"input: {100 * self.input_share:.1f}% of the training time went to waiting for data "
                   f"({self.input_s:.1f} s; --prefetch {self.args.prefetch})")
+            print(f"train stats: {json.dumps(stats)}", flush=True)
         return final
+
+    def train_stats(self) -> dict:
+        """Steps, training seconds, non-padding tokens of all ranks, rank 0's input and timed shares
+        and its peak resident memory (a collective: every rank calls it)."""
+        import resource
+
+        from .distributed import gather_seconds
+        tokens = torch.tensor([float(self.tokens_total)], dtype=torch.float64)
+        dist.all_reduce(tokens, group=self.control)
+        seconds = (self._t_train_end or time.perf_counter()) - (self._t_first_fetch or time.perf_counter())
+        return {"steps": self.step, "seconds": round(seconds, 3), "tokens": int(tokens.item()),
+                "input_share": round(self.input_share, 4),
+                **{f"{k}_share": round(v / max(seconds, 1e-9), 4) for k, v in self.timings.items()},
+                **({"gather_share": round(gather_seconds() / max(seconds, 1e-9), 4)} if not torch.cuda.is_available() else {}),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
     def close(self) -> None:
         if self.writer:

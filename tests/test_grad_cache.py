@@ -1,0 +1,91 @@
+"""GradCache (train/grad_cache.py): the same step as without it, on 2 ranks under ZeRO 1/2/3, with the
+activation memory of one mini-batch."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, launch
+from tests.test_cbb import RETRIEVAL, STS, write_config
+from train.encoding import merge_features, tokenize_groups
+from train.grad_cache import GradCache
+from train.losses import InfoNCELoss
+
+MINI_BATCH = 3
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grad_cache")
+    # retrieval on rank 0 (4 queries + 4 positives + 16 negatives), STS on rank 1 (12 texts): the ranks
+    # need 8 and 4 mini-batches of 3, and must still run the same number of forwards (ZeRO-3)
+    config = write_config(tmp / "tasks.json", {"retrieval": dict(RETRIEVAL), "sts": dict(STS)})
+    launch(ROOT / "tests/workers/grad_cache_step.py", str(tiny_model), str(config), str(tmp / "out.pt"),
+           str(MINI_BATCH), timeout=600)
+    return torch.load(tmp / "out.pt")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("case", ["pretrain", "cbb"])
+def test_grad_cache_step_equals_the_uncached_step(two_rank_run, stage, case):
+    plain, cached = (two_rank_run["results"][(stage, case, m)] for m in (0, MINI_BATCH))
+    assert plain["losses"].keys() == cached["losses"].keys()
+    for name, value in plain["losses"].items():
+        assert cached["losses"][name] == pytest.approx(value, rel=1e-5), name
+    scale = max(g.abs().max().item() for g in plain["grads"].values())
+    assert scale > 1e-3  # the step really moves the weights
+    for name, grad in plain["grads"].items():
+        assert (cached["grads"][name] - grad).abs().max().item() < 1e-5 * max(1.0, scale), name
+        assert (cached["weights"][name] - plain["weights"][name]).abs().max().item() < 1e-5 * max(1.0, scale), name
+    # mini-batches of 3: the forward runs twice per mini-batch, and as often on every rank
+    per_rank = [losses_forwards[0][(stage, case, MINI_BATCH)][1] for losses_forwards in two_rank_run["per_rank"]]
+    assert len(set(per_rank)) == 1 and per_rank[0] >= 2 * 4, per_rank
+
+
+def test_grad_cache_batch_of_1024_holds_no_more_than_an_uncached_batch_of_2n(two_rank_run):
+    """Tensors held for backward, peak per rank: GradCache at a global batch of 1,024 pairs in mini-batches
+    of 32 texts, against 2 x 32 pairs per rank without GradCache, and against 1,024 pairs without."""
+    for _, memory in two_rank_run["per_rank"]:
+        assert 0 < memory["cached_1024"] <= memory["plain_2n"], memory
+        assert memory["cached_1024"] < memory["plain_1024"] / 4, memory
+
+
+class RecordingEngine:
+    """The engine interface GradCache uses, on one process, keeping every forward's output."""
+
+    def __init__(self, model):
+        self.model, self.device, self.outputs = model, "cpu", []
+
+    def __call__(self, features):
+        out = self.model(features)
+        self.outputs.append(out["sentence_embedding"].detach().clone())
+        return out
+
+    def backward(self, loss):
+        loss.backward()
+
+    def set_gradient_accumulation_boundary(self, boundary):
+        pass
+
+
+def test_grad_cache_replays_the_same_dropout_masks(tiny_model):
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.3
+    model.train()
+    texts = [json.loads(line) for line in open(ROOT / "data/demo/pretrain/question_pairs.jsonl", encoding="utf-8")][:5]
+    tokenized = tokenize_groups(model, [([t["query"] for t in texts], ""), ([t["pos"] if isinstance(t["pos"], str) else t["pos"][0] for t in texts], "")])
+    features = merge_features(tokenized.rows[:3], tokenized.pad_id, tokenized.left_pad)
+    assert not torch.equal(model(dict(features))["sentence_embedding"], model(dict(features))["sentence_embedding"])
+    engine = RecordingEngine(model)  # dropout is on: only a replayed RNG gives the same output twice
+    cache = GradCache(engine, MINI_BATCH, "cpu")
+    q, p = cache.encode(tokenized)[0]
+    first = list(engine.outputs)
+    cache.backward(InfoNCELoss(0.05)(q, p))
+    again = engine.outputs[len(first):]
+    assert len(first) == len(again) == 4  # 10 texts in mini-batches of 3
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the gradient is of the embeddings the loss saw
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
