@@ -43,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+from bench.base_model import base_model  # noqa: E402  (after the path)
 
 ROWS = {
     "base": "base model",
@@ -392,20 +393,6 @@ def write_readme(text: str) -> None:
 
 # --------------------------------------------------------------------------- main
 
-def prepare_base(args, out: Path) -> str:
-    if args.model:
-        from train.model import resolve_model
-        return resolve_model(args.model)[0]
-    if args.quick:
-        from tests.tiny_model import make_tiny_model
-        path = out / "tiny-base"
-        if not (path / "modules.json").is_file():
-            make_tiny_model(path, prompts={"query": "query: ", "passage": "passage: "})
-        return str(path)
-    from train.model import DEFAULT_MODEL, resolve_model
-    return resolve_model(DEFAULT_MODEL)[0]
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     budget = QUICK if args.quick else Budget()
@@ -417,7 +404,7 @@ def main(argv=None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     out.mkdir(parents=True, exist_ok=True)
-    base = prepare_base(args, out)
+    base = base_model(args.model, args.quick, out)
     data_dir = out / "data"
     counts = split_data(data_dir, budget)
     counts["retrieval left out: too few negatives after filtering"] = mine(data_dir, base, budget, env)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.base_model import base_model  # noqa: E402  (after the path)
 DEMO = ROOT / "data/demo/finetune"
 ROWS = ["st", "random", "cbb", "cbb_mining", "cbb_cache"]
 
@@ -134,20 +135,6 @@ def run_st(args, base: str, data: Path, out: Path) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def base_model(args, out: Path) -> str:
-    if args.model:
-        from train.model import resolve_model
-        return resolve_model(args.model)[0]
-    if args.quick:
-        from tests.tiny_model import make_tiny_model
-        path = out / "tiny-base"
-        if not (path / "modules.json").is_file():
-            make_tiny_model(path, prompts={"query": "query: ", "passage": "passage: "})
-        return str(path)
-    from train.model import DEFAULT_MODEL, resolve_model
-    return resolve_model(DEFAULT_MODEL)[0]
-
-
 def table(results: dict, machine: str) -> str:
     peer = results.get("st")
     lines = ["| row | examples | steps | s | examples/s | tokens/s | vs st | peak MB (rank 0) | input | mining | all-gathers |",
@@ -168,7 +155,7 @@ def main(argv=None) -> dict:
         args.examples, args.batch, args.max_length, args.mini_batch = 16, 4, 32, 3
     out = Path(args.out or ROOT / "bench/results" / ("throughput-quick" if args.quick else "throughput"))
     out.mkdir(parents=True, exist_ok=True)
-    base = base_model(args, out)
+    base = base_model(args.model, args.quick, out)
     data = write_data(out)
     if args.st_row:  # the st row's own process: print its figures for the parent
         print("st stats: " + json.dumps(run_st(args, base, data, out)))
