@@ -139,9 +139,6 @@ class Tokenized:
     pad_id: int
     left_pad: bool
 
-    def __add__(self, other: "Tokenized") -> "Tokenized":
-        return Tokenized(self.rows + other.rows, self.sizes + other.sizes, self.pad_id, self.left_pad)
-
     @property
     def tokens(self) -> int:
         """Non-padding tokens, counted on the host: no device sync."""
@@ -175,9 +172,14 @@ def encode_tokenized(engine, tokenized: Tokenized, device, buckets: int = 2) -> 
     chunks = length_buckets([row["attention_mask"].shape[1] for row in rows], buckets)
     outputs = [engine(to_device(merge_features([rows[i] for i in chunk], tokenized.pad_id, tokenized.left_pad),
                                 device))["sentence_embedding"] for chunk in chunks]
+    return list(in_row_order(outputs, chunks, n).split(tokenized.sizes)), tokenized.tokens
+
+
+def in_row_order(outputs: list[torch.Tensor], chunks: list[list[int]], n: int) -> torch.Tensor:
+    """The outputs of forwards over `chunks` (row indices) as one tensor in row order, rows >= n
+    (repeats that only filled a forward) dropped."""
     order = torch.tensor([i for chunk in chunks for i in chunk], device=outputs[0].device)
-    embeddings = torch.cat(outputs)[torch.argsort(order)][:n]  # back to the groups' order
-    return list(embeddings.split(tokenized.sizes)), tokenized.tokens
+    return torch.cat(outputs)[torch.argsort(order)][:n]
 
 
 def encode_groups(engine, model: SentenceTransformer, groups: list[TextGroup], device,

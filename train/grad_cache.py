@@ -24,7 +24,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .encoding import Tokenized, merge_features, to_device
+from .encoding import Tokenized, in_row_order, merge_features, to_device
 
 
 class GradCache:
@@ -60,8 +60,7 @@ class GradCache:
             with torch.no_grad():
                 outputs.append(self.engine(to_device(features, self.device))["sentence_embedding"])
             self._chunks.append((index, features, rng))
-        flat = torch.tensor([i for index, _, _ in self._chunks for i in index], device=outputs[0].device)
-        self._cached = torch.cat(outputs)[torch.argsort(flat)][:n].detach().requires_grad_()
+        self._cached = in_row_order(outputs, [index for index, _, _ in self._chunks], n).detach().requires_grad_()
         self._rows = n
         return list(self._cached.split(tokenized.sizes)), tokenized.tokens
 

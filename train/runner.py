@@ -248,8 +248,8 @@ class Run:
     def grad_cache(self):
         """GradCache for --mini-batch N, or None when it is off (train/grad_cache.py)."""
         from .grad_cache import GradCache
-        mini_batch = getattr(self.args, "mini_batch", 0)
-        return GradCache(self.engine, mini_batch, self.engine.device, self.control) if mini_batch else None
+        n = self.args.mini_batch
+        return GradCache(self.engine, n, self.engine.device, self.control) if n else None
 
     def record(self, metric: str, value: torch.Tensor, weight: float = 1.0, tokens: int = 0) -> None:
         """Add to a logged mean: value * weight over weight, summed over ranks and steps until the next log."""
