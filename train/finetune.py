@@ -30,7 +30,7 @@ from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, lo
                          set_pooling, with_expansion)
 from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
 from train.prefetch import close_prefetch, prefetched
-from train.release import push_to_hub, write_model_card
+from train.release import push_to_hub, schedule_name, write_model_card
 from train.runner import (Run, build_engine, end_run, local_rank_zero_first, shared_index, start_run,
                           validate_data)
 from train.tasks import ConfigError, assign_ranks, load_data_config
@@ -45,6 +45,10 @@ def parse_args(argv=None):
     data.add_argument("--data-config", default=str(DEMO_CONFIG), help="YAML/JSON task list (train/tasks.py)")
     data.add_argument("--task-schedule", default="cbb", choices=["cbb", "random"],
                       help="cbb: every task in every step; random: one random task per step (baseline)")
+    data.add_argument("--task-placement", default="by-task", choices=["by-task", "every-rank"],
+                      help="cbb: by-task (the paper) gives each task its share of the ranks (the config's `ranks`); "
+                           "every-rank gives each rank a slice of every task, so ranks with cheap tasks do not wait "
+                           "for those with costly ones (the same objective; faster when tasks' text lengths differ)")
     add_stream_args(data)
     data.add_argument("--length-buckets", type=int, default=2,
                       help="forwards per rank per step: a rank's texts sorted by length and cut into this many "
@@ -72,7 +76,7 @@ def open_tasks(args, world: int):
         config = load_data_config(args.data_config)
         if args.validate_data:
             validate_data([(f, t.type, t.num_negatives) for t in config.tasks for f in t.files], args.skip_bad_lines)
-        assign_ranks(config.tasks, world, args.task_schedule)
+        assign_ranks(config.tasks, world, args.task_schedule, args.task_placement)
         streams = {t.name: task_stream(t, args.seed, args.max_length, args.skip_bad_lines, **stream_options(args),
                                        indexer=shared_index(Path(args.output_dir) / "data_index"))
                    for t in config.tasks}
@@ -174,7 +178,7 @@ def main(argv=None) -> None:
     batches = {t.name: prefetched(partial(task_batches, streams[t.name]), positions[t.name], args.prefetch)
                for t in tasks if rank in t.assigned}  # a rank reads only its own tasks
     run = Run(engine, scheduler, args, total_steps, metrics=[t.name for t in tasks], desc="finetune", client=client)
-    run.say(f"fine-tuning {base_name} ({args.task_schedule}), {total_steps} steps on {world} ranks: "
+    run.say(f"fine-tuning {base_name} ({schedule_name(vars(args))}), {total_steps} steps on {world} ranks: "
             + "; ".join(f"{t.name} ({t.type}) x{t.batch_size} w={t.weight:g} on ranks {t.assigned}" for t in tasks)
             + f"; {shape}")
 
@@ -203,7 +207,8 @@ def main(argv=None) -> None:
     while not run.done:
         now = tasks_this_step(tasks, rank, run.step, args.task_schedule, args.seed)
         step_batches = run.fetch(lambda: read_step(now), client_state, undo_read)
-        result = step_loss(step_batches, now, encode, groups, rank, world, loss_settings, miners)
+        with run.timed("forward", device_work=True):  # the forwards, losses and their gathers
+            result = step_loss(step_batches, now, encode, groups, rank, world, loss_settings, miners)
         if not run.optimize(result.total, result.sources, backward=cache.backward if cache else None):
             continue
         for t in now:  # each task rank holds 1/|R_t| of the task's mean

@@ -137,9 +137,10 @@ def main(argv=None) -> None:
                 break
             global_batch, tokenized = fetched
             probe_texts = probe_texts or [ex.query for ex in global_batch[:8]]  # for the export check
-            (q, p, *n), tokens = cache.encode(tokenized) if cache else \
-                encode_tokenized(engine, tokenized, engine.device, buckets)
-            loss = loss_fn(q, p, n[0] if n else None)
+            with run.timed("forward", device_work=True):  # the forwards and the gathered loss
+                (q, p, *n), tokens = cache.encode(tokenized) if cache else \
+                    encode_tokenized(engine, tokenized, engine.device, buckets)
+                loss = loss_fn(q, p, n[0] if n else None)
             sources = [ex.source for ex in rank_slice(global_batch, rank, world)]
             if not run.optimize(loss, sources, backward=cache.backward if cache else None):
                 continue

@@ -62,6 +62,12 @@ Not evaluated yet: run `python eval/cmteb.py --model PATH --update-card`.
 """
 
 
+def schedule_name(args: dict) -> str:
+    """cbb (by-task / every-rank placement) or random, for the card."""
+    schedule = args.get("task_schedule", "cbb")
+    return f"{schedule} ({args.get('task_placement', 'by-task')})" if schedule == "cbb" else schedule
+
+
 def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int], width: int, expanded: bool,
                      args: dict, steps: int, world: int, release_length: int | None = None,
                      repo_id: str | None = None) -> Path:
@@ -85,7 +91,7 @@ def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int]
         card_data, template_str=CARD_TEMPLATE, model_name=name,
         repo_id=repo_id or str(folder), base_model=base_model,
         query_prompt=prompts.get("query", ""), passage_prompt=prompts.get("passage", ""),
-        dims=dims, width=width, expanded=expanded, release_length=release_length, schedule=args.get("task_schedule", "cbb"), steps=steps,
+        dims=dims, width=width, expanded=expanded, release_length=release_length, schedule=schedule_name(args), steps=steps,
         world=world, lr=args.get("lr"), temperature=args.get("temperature"),
         cosent_scale=args.get("cosent_scale"), max_length=args.get("max_length"),
         tasks=[dict(name=t.name, type=t.type, files=[Path(f).name for f in t.files], batch_size=t.batch_size,

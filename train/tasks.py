@@ -152,18 +152,29 @@ def _mining(where: str, value, task_type: str) -> dict | None:
     return rule
 
 
-def assign_ranks(tasks: list[Task], world: int, schedule: str = "cbb") -> None:
+PLACEMENTS = ("by-task", "every-rank")
+
+
+def assign_ranks(tasks: list[Task], world: int, schedule: str = "cbb", placement: str = "by-task") -> None:
     """Fill task.assigned. cbb: every task in every step, ranks shared out by the tasks' `ranks`.
 
     schedule 'random' (the FlagEmbedding / Piccolo baseline) puts every rank on every task; the loop
     then picks one task per step, and each rank takes its own share of the step's examples (retrieval
     too: its own queries with all their negatives, candidates gathered from every rank), as those
     tools do.
+
+    placement 'every-rank' keeps CBB's step (every task, one combined loss) but places it the same
+    way: each rank holds 1/world of every task's batch. The objective is the same (the losses gather
+    across the task's ranks); what changes is the load: under 'by-task' a rank's step time is that of
+    its task, so the ranks of a cheap task (short STS pairs) wait for those of a costly one (queries
+    with long passages and negatives), while 'every-rank' gives every rank the same mix.
     """
-    if schedule == "random" or world == 1:
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"task placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if schedule == "random" or world == 1 or placement == "every-rank":
         for task in tasks:
             task.assigned = list(range(world))
-            task.split_queries = schedule == "random" and task.type == "retrieval"
+            task.split_queries = task.type == "retrieval" and (schedule == "random" or placement == "every-rank")
     elif world < len(tasks):
         for i, task in enumerate(tasks):  # a rank runs several tasks as sub-batches
             task.assigned = [i % world]

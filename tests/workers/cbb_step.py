@@ -1,6 +1,6 @@
 """N-rank worker: one CBB fine-tuning step under DeepSpeed (fp32, ZeRO stage given); saves the full gradients.
 
-    torchrun --nproc_per_node N tests/workers/cbb_step.py MODEL_DIR TASKS_JSON OUT_FILE STAGE [SCHEDULE]
+    torchrun --nproc_per_node N tests/workers/cbb_step.py MODEL_DIR TASKS_JSON OUT_FILE STAGE [SCHEDULE [PLACEMENT]]
 
 It runs the code path of train/finetune.py: task assignment, groups, every task of a rank encoded in
 one forward (train.multitask.step_loss), CBB scaling, DeepSpeed's backward.
@@ -28,10 +28,11 @@ ARGS = Namespace(temperature=0.05, cosent_scale=20.0, seed=42)
 def main() -> None:
     model_dir, config_path, out, stage = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     schedule = sys.argv[5] if len(sys.argv) > 5 else "cbb"
+    placement = sys.argv[6] if len(sys.argv) > 6 else "by-task"
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     tasks = load_data_config(config_path).tasks
-    assign_ranks(tasks, world, schedule)
+    assign_ranks(tasks, world, schedule, placement)
     groups = task_groups(tasks)
     for t in tasks:
         t.query_prompt, t.passage_prompt = "", ""
