@@ -8,8 +8,6 @@ Rows, each seeing the same number of examples of the shipped demo data (retrieva
 hard negative, STS pairs) at --max-length tokens:
   st          sentence-transformers' trainer: MNRL with the hard negative + CoSENT, round robin,
               one process using every core (what a user runs)
-  st_malloc   st with glibc told to keep freed memory, as our CPU runs under zero0 do (train/runner.py
-              reuse_freed_memory): how much of the ratio is that setting alone
   random      train/finetune.py, one task per step, 2 ranks each with its own queries
   cbb         train/finetune.py, CBB: both tasks in every step (retrieval on one rank, STS on the other)
   cbb_every   cbb with --task-placement every-rank: each rank half of each task (the same objective)
@@ -43,9 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.base_model import base_model  # noqa: E402  (after the path)
 DEMO = ROOT / "data/demo/finetune"
-ROWS = ["st", "st_malloc", "random", "cbb", "cbb_every", "cbb_zero2", "cbb_mining", "cbb_cache"]
-# the peer's rows: extra environment of its process (glibc's tunables, as reuse_freed_memory sets them)
-PEER_ENV = {"st": {}, "st_malloc": {"MALLOC_MMAP_THRESHOLD_": str(2**31 - 1), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}}
+ROWS = ["st", "random", "cbb", "cbb_every", "cbb_zero2", "cbb_mining", "cbb_cache"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -179,10 +175,10 @@ def main(argv=None) -> dict:
     for row in [r.strip() for r in args.rows.split(",")]:
         if row not in ROWS:
             raise SystemExit(f"--rows: unknown row {row}; known: {', '.join(ROWS)}")
-        if row in PEER_ENV:
+        if row == "st":
             proc = subprocess.run([sys.executable, __file__, "--st-row", "1", *(argv or sys.argv[1:])], cwd=ROOT,
                                   capture_output=True, text=True,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1", **PEER_ENV[row]})
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
             (out / f"{row}.log").write_text(proc.stdout + proc.stderr)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("st stats: ")), None)
             if proc.returncode or line is None:

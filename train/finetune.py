@@ -33,7 +33,7 @@ from train.prefetch import close_prefetch, prefetched
 from train.release import push_to_hub, schedule_name, write_model_card
 from train.runner import (Run, build_engine, end_run, local_rank_zero_first, shared_index, start_run,
                           validate_data)
-from train.tasks import ConfigError, assign_ranks, load_data_config
+from train.tasks import PLACEMENTS, ConfigError, assign_ranks, load_data_config
 
 DEMO_CONFIG = ROOT / "data/demo/finetune/tasks.yaml"
 PRETRAINED = ROOT / "output/pretrain/final"
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     data.add_argument("--data-config", default=str(DEMO_CONFIG), help="YAML/JSON task list (train/tasks.py)")
     data.add_argument("--task-schedule", default="cbb", choices=["cbb", "random"],
                       help="cbb: every task in every step; random: one random task per step (baseline)")
-    data.add_argument("--task-placement", default="by-task", choices=["by-task", "every-rank"],
+    data.add_argument("--task-placement", default="by-task", choices=PLACEMENTS,
                       help="cbb: by-task (the paper) gives each task its share of the ranks (the config's `ranks`); "
                            "every-rank gives each rank a slice of every task, so ranks with cheap tasks do not wait "
                            "for those with costly ones (the same objective; faster when tasks' text lengths differ)")

@@ -42,27 +42,6 @@ def set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
-def reuse_freed_memory() -> bool:
-    """On CPU, have glibc keep large freed blocks for the next step instead of returning them to the
-    OS. By default a block over 32 MB is mmap'ed and unmapped on free, so every step faults the same
-    gradient buffers in again, page by page: e5-small's 250k-token embedding gradient alone is 384 MB
-    (its backward: 0.17 s a step by default, 0.05 s with this). Resident memory stays at the step's
-    peak, which the process reaches every step anyway. Returns whether it was applied (glibc only).
-    build_engine applies it to CPU runs of plain data parallel (zero0) only, where it was measured:
-    e5-small, 2 ranks, 8 steps: 1.13x faster at the same peak memory. Under ZeRO-2 it gained nothing
-    and the resident memory grew with the steps (3.8 GB without; 5.5 GB after 8 steps, 9.8 after 25)."""
-    import ctypes
-    import ctypes.util
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold, largest = -1, -3, ctypes.c_int(2**31 - 1)
-        return bool(libc.mallopt(m_mmap_threshold, largest)) and bool(libc.mallopt(m_trim_threshold, largest))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): the default allocator stays
-        return False
-
-
 def seed_everything(seed: int) -> None:
     import random
 
@@ -173,8 +152,6 @@ def build_engine(model, args, micro_batch: int, world: int, total_steps: int):
 
     from .model import parameter_groups
     ds_config = load_ds_config(args.deepspeed_config, micro_batch, world, args.max_grad_norm, args.precision)
-    if not torch.cuda.is_available() and ds_config.get("zero_optimization", {}).get("stage", 0) == 0:
-        reuse_freed_memory()  # before the engine allocates anything (see there for why zero0 only)
     groups = parameter_groups(model, args.lr, getattr(args, "expansion_lr", None))
     optimizer = build_optimizer(groups, ds_config, args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
