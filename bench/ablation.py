@@ -34,6 +34,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
-from bench.base_model import base_model  # noqa: E402  (after the path)
+from bench.ablation_report import plot, table, write_readme  # noqa: E402  (after the path)
+from bench.base_model import base_model  # noqa: E402
 
 ROWS = {
     "base": "base model",
@@ -54,7 +56,6 @@ ROWS = {
     "e": "ours, CBB + dynamic mining",
     "f": "(e) merged with the base, 0.5/0.5 (LM-Cocktail)",
 }
-README_BEGIN, README_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
 @dataclass
@@ -242,6 +243,7 @@ def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: d
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         raise SystemExit(f"row {row}: training failed ({proc.returncode}); see {log}")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 2.3 GB a row; the release is in final/
     info = {"model": str(run_dir / "final"), "examples": examples_seen(b, schedule), "steps": steps}
     if mining:
         info["mining"] = mining_summary(run_dir, steps)
@@ -340,57 +342,6 @@ def evaluate_row(info: dict, data_dir: Path, out: Path, row: str, b: Budget) -> 
             "max_seq_length": model.max_seq_length}
 
 
-# --------------------------------------------------------------------------- report
-
-def table(results: dict[str, dict], budget: Budget, machine: str) -> str:
-    base = results["base"]["scores"]
-    tasks = list(base)
-    head = ("| row | " + " | ".join(tasks) + " | average | worst vs base | average at base width "
-            "| negatives replaced (steps) | train s |")
-    lines = [head, "|" + "---|" * (len(tasks) + 6)]
-    for row, r in results.items():
-        s = r["scores"]
-        avg = 100 * sum(s.values()) / len(s)
-        worst = min(100 * (s[t] - base[t]) for t in tasks)
-        narrow = (f"{100 * sum(r['scores_base_width'].values()) / len(s):.2f}" if r["width"] != results["base"]["width"]
-                  else "=")
-        m = r.get("mining")
-        mined = f"{m['replaced']} ({m['first_step']}–{m['last_step']})" if m and m["replaced"] else ("0" if m else "—")
-        lines.append(f"| {row}: {ROWS[row]} | " + " | ".join(f"{100 * s[t]:.2f}" for t in tasks)
-                     + f" | **{avg:.2f}** | {'—' if row == 'base' else f'{worst:+.2f}'} | {narrow} | {mined} | "
-                     + (f"{r['seconds']:.0f}" if r.get("seconds") else "—") + " |")
-    return "\n".join(lines)
-
-
-def plot(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    tasks = list(results["base"]["scores"])
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(results)
-    for i, (row, r) in enumerate(results.items()):
-        ax.bar([t + i * width for t in range(len(tasks))], [100 * r["scores"][t] for t in tasks], width, label=row)
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
-    low = min(100 * r["scores"][t] for r in results.values() for t in tasks)
-    ax.set_ylim(max(0, low - 5), None)
-    ax.set_ylabel("dev score x 100 (Spearman / nDCG@10)")
-    ax.legend(ncols=len(results), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    content = readme.read_text(encoding="utf-8")
-    if README_BEGIN not in content:
-        raise SystemExit(f"README.md has no {README_BEGIN} marker")
-    head, rest = content.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}", encoding="utf-8")
-
-
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
@@ -427,7 +378,7 @@ def main(argv=None) -> dict:
         print(f"row {row}: {ROWS[row]}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in info["scores"].items()), flush=True)
 
     machine = f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}, no GPU"
-    text = table(results, budget, machine)
+    text = table(results, ROWS, machine)
     plot(results, out / "ablation.png")
     seen = {r: results[r]["examples"] for r in rows if r != "base"}
     command = "python bench/ablation.py" + (" --quick" if args.quick else "")
@@ -439,7 +390,6 @@ def main(argv=None) -> dict:
     (out / "table.md").write_text(report + "\n")
     print(report)
     if not args.quick and not args.no_readme and set(rows) == set(ROWS):
-        import shutil
         shutil.copy(out / "ablation.png", ROOT / "docs/ablation.png")
         write_readme(report + "\n\n![per-task dev scores](docs/ablation.png)")
         print("README.md updated")

@@ -18,6 +18,18 @@ hard negative, STS pairs) at --max-length tokens:
 Our rows run 2 ranks of one thread under --deepspeed-config (default ds_configs/zero0.json: plain
 data parallel, every rank the whole optimizer, which a model this size affords).
 
+    python bench/throughput.py --device cuda   # the hardware: tokens/s and MFU of a BERT-large step
+
+With --device cuda the rows are pre-training steps (train/pretrain.py, gathered InfoNCE) of a model
+of bge-large-zh's shape with random weights (24 x 1024, 335M parameters, 302M in the layers) on
+pairs that fill --max-length (512) tokens, bf16, ZeRO-1, one rank per GPU:
+  large        --batch pairs per GPU, no GradCache
+  large_cache  the same batch through GradCache (--mini-batch texts per forward): its price
+  large_32k    a global batch of --big-batch (32,768) pairs with GradCache: it fits, peak memory
+MFU counts 6 x the layers' parameters x non-padding tokens per second (attention's own FLOPs and
+GradCache's second forward are not counted: they are cost, not model work) against the GPU's dense
+bf16 peak (--peak-tflops, or known for H100/H200/A100), over the steps after the first.
+
 Printed per row: examples/s, non-padding tokens/s, peak resident memory of the (rank 0) process,
 the ratio to the st row, and for ours the shares of rank 0's training time spent waiting for input,
 in the forwards (with the losses), in backward (with ZeRO's gradient reduction, and so the wait for
@@ -32,6 +44,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -39,9 +52,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.base_model import base_model  # noqa: E402  (after the path)
+from bench.base_model import LARGE, TINY, base_model, matmul_parameters, random_model  # noqa: E402  (after the path)
 DEMO = ROOT / "data/demo/finetune"
 ROWS = ["st", "random", "cbb", "cbb_every", "cbb_zero2", "cbb_mining", "cbb_cache"]
+LARGE_ROWS = ["large", "large_cache", "large_32k"]
+# dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets); the first name contained in the device's wins
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,12 +65,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true", help="tiny model, few examples")
     p.add_argument("--model", default=None, help="default: multilingual-e5-small (offline); --quick: a tiny model")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the BERT-large rows")
     p.add_argument("--examples", type=int, default=800, help="examples each row trains on (half retrieval, half STS)")
-    p.add_argument("--batch", type=int, default=16, help="examples per task per step")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--mini-batch", type=int, default=8, help="GradCache mini-batch of the cbb_cache row")
+    p.add_argument("--batch", type=int, default=None, help="examples per task per step (default 16); cuda: pairs "
+                                                           "per GPU of the large rows (default 32)")
+    p.add_argument("--max-length", type=int, default=None, help="default 128; cuda: 512")
+    p.add_argument("--mini-batch", type=int, default=None, help="GradCache mini-batch (texts) of the cbb_cache "
+                                                                "(default 8) and large_cache (64) rows")
+    p.add_argument("--steps", type=int, default=20, help="steps of the large rows (the first is not timed)")
+    p.add_argument("--big-batch", type=int, default=32768, help="pairs per step of the large_32k row")
+    p.add_argument("--big-mini-batch", type=int, default=256, help="GradCache mini-batch of the large_32k row")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak per GPU, for MFU")
     p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs/zero0.json"), help="of our rows but cbb_zero2")
-    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--rows", default=None, help=f"default: {','.join(ROWS)}; cuda: {','.join(LARGE_ROWS)}")
     p.add_argument("--out", default=None, help="default: bench/results/throughput[-quick]")
     p.add_argument("--st-row", default=None, help=argparse.SUPPRESS)  # internal: run the st row in this process
     return p.parse_args(argv)
@@ -99,13 +122,83 @@ def run_ours(row: str, args, base: str, data: Path, out: Path) -> dict:
            "--data-config", str(task_config(data, args.batch, row == "cbb_mining")), "--task-schedule", schedule,
            "--max-steps", str(steps), "--max-length", str(args.max_length), "--output-dir", str(out / "runs" / row),
            "--save-steps", "100000", "--log-steps", str(max(1, steps // 4)), "--merge-weight", "1", *extra]
+    stats = run_logged(row, cmd, env, out, "train stats: ")
+    return {**stats, "examples": steps * args.batch * (2 if schedule == "cbb" else 1)}
+
+
+def run_logged(row: str, cmd: list[str], env: dict, out: Path, prefix: str) -> dict:
+    """Run one row in its own process, keep its log, and return the figures it printed after `prefix`.
+    The row's output folder goes once it has run: its checkpoint (GBs a row) is not what is measured."""
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     (out / f"{row}.log").write_text(proc.stdout + proc.stderr)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("train stats: ")), None)
+    shutil.rmtree(out / "runs" / row, ignore_errors=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(prefix)), None)
     if proc.returncode or line is None:
         raise SystemExit(f"row {row} failed ({proc.returncode}); see {out / f'{row}.log'}")
-    stats = json.loads(line[len("train stats: "):])
-    return {**stats, "examples": steps * args.batch * (2 if schedule == "cbb" else 1)}
+    return json.loads(line[len(prefix):])
+
+
+def write_long_pairs(out: Path, lines: int, chars: int) -> Path:
+    """Pairs of `chars` Chinese characters a side, cut at seeded offsets from the demo texts' Chinese
+    characters joined end to end. A BERT tokenizer makes each a token, so every text fills the length."""
+    import random
+    from tests.tiny_model import demo_texts
+    path = out / "data" / f"long_pairs_{lines}x{chars}.jsonl"
+    if path.is_file():
+        return path
+    text = "".join(ch for ch in "".join(demo_texts()) if "\u4e00" <= ch <= "\u9fff")
+    rng = random.Random(0)
+
+    def cut() -> str:
+        start = rng.randrange(len(text) - chars)
+        return text[start:start + chars]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(lines):
+            f.write(json.dumps({"query": cut(), "pos": cut()}, ensure_ascii=False) + "\n")
+    return path
+
+
+def run_large(row: str, args, model: str, data: Path, out: Path, gpus: int) -> dict:
+    """A pre-training run of the large rows: bf16 and one rank per GPU on cuda, fp32 on CPU (--quick)."""
+    batch, steps = (args.big_batch, 2) if row == "large_32k" else (args.batch, args.steps)
+    mini_batch = {"large": 0, "large_cache": args.mini_batch, "large_32k": args.big_mini_batch}[row]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_port",
+           str(29300 + os.getpid() % 500), str(ROOT / "train/pretrain.py"), "--model", model,
+           "--train-data", str(data), "--batch-size", str(batch), "--max-length", str(args.max_length),
+           "--max-steps", str(steps), "--deepspeed-config", str(ROOT / "ds_configs/zero1.json"),
+           "--precision", "bf16" if args.device == "cuda" else "fp32", "--output-dir", str(out / "runs" / row),
+           "--save-steps", "100000", "--log-steps", str(max(1, steps // 4)), "--mini-batch", str(mini_batch)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           **({} if args.device == "cuda" else {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    stats = run_logged(row, cmd, env, out, "train stats: ")
+    return {**stats, "gpus": gpus, "pairs_per_step": batch * gpus, "mini_batch": mini_batch}
+
+
+def peak_tflops(args) -> float | None:
+    """The GPU's dense bf16 peak: --peak-tflops, or from the device's name."""
+    if args.peak_tflops or args.device != "cuda":
+        return args.peak_tflops
+    import torch
+    name = torch.cuda.get_device_name(0)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def large_table(results: dict, n_params: int, peak: float | None, machine: str) -> str:
+    """Steady-state figures (after each row's first step) of the large rows."""
+    lines = ["| row | pairs/step | GradCache mini-batch | steps timed | s/step | tokens/s | TFLOP/s per GPU | MFU "
+             "| peak GPU MB | peak RSS MB |", "|---" * 10 + "|"]
+    for row, r in results.items():
+        seconds = max(r["warm_seconds"], 1e-9)
+        tflops = 6 * n_params * r["warm_tokens"] / seconds / r["gpus"] / 1e12
+        r["tflops_per_gpu"], r["mfu"] = tflops, (tflops / peak if peak else None)
+        mfu = f"{100 * r['mfu']:.1f}%" if peak else "n/a"
+        gpu_mb = f"{r['peak_gpu_mb']:,.0f}" if "peak_gpu_mb" in r else "—"
+        lines.append(f"| {row} | {r['pairs_per_step']:,} | {r['mini_batch'] or 'off'} | {r['warm_steps']} | "
+                     f"{seconds / max(r['warm_steps'], 1):.3f} | {r['warm_tokens'] / seconds:,.0f} | {tflops:.3g} | "
+                     f"{mfu} | {gpu_mb} | {r['peak_rss_mb']:,.0f} |")
+    return "\n".join(lines) + f"\n\n{machine}"
 
 
 def run_st(args, base: str, data: Path, out: Path) -> dict:
@@ -160,30 +253,29 @@ def table(results: dict, machine: str) -> str:
     return "\n".join(lines) + f"\n\n{machine}"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def with_defaults(args) -> argparse.Namespace:
+    """The sizes the device asks for; --quick: a smoke run of whichever rows."""
     if args.quick:
         args.examples, args.batch, args.max_length, args.mini_batch = 16, 4, 32, 3
-    out = Path(args.out or ROOT / "bench/results" / ("throughput-quick" if args.quick else "throughput"))
-    out.mkdir(parents=True, exist_ok=True)
+        args.steps, args.big_batch, args.big_mini_batch = 3, 16, 8
+    cuda = args.device == "cuda"
+    for key, value in dict(batch=32 if cuda else 16, max_length=512 if cuda else 128, mini_batch=64 if cuda else 8).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.rows = args.rows or ",".join(LARGE_ROWS if cuda else ROWS)
+    return args
+
+
+def run_rows(args, rows: list[str], argv, out: Path) -> tuple[dict, str]:
+    """The fine-tuning rows against the peer: their results and the table."""
     base = base_model(args.model, args.quick, out)
     data = write_data(out)
-    if args.st_row:  # the st row's own process: print its figures for the parent
-        print("st stats: " + json.dumps(run_st(args, base, data, out)))
-        return {}
     results = {}
-    for row in [r.strip() for r in args.rows.split(",")]:
-        if row not in ROWS:
-            raise SystemExit(f"--rows: unknown row {row}; known: {', '.join(ROWS)}")
+    for row in rows:
         if row == "st":
-            proc = subprocess.run([sys.executable, __file__, "--st-row", "1", *(argv or sys.argv[1:])], cwd=ROOT,
-                                  capture_output=True, text=True,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            (out / f"{row}.log").write_text(proc.stdout + proc.stderr)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("st stats: ")), None)
-            if proc.returncode or line is None:
-                raise SystemExit(f"row {row} failed ({proc.returncode}); see {out / f'{row}.log'}")
-            results[row] = json.loads(line[len("st stats: "):])
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+            results[row] = run_logged(row, [sys.executable, __file__, "--st-row", "1", *(argv or sys.argv[1:])],
+                                      env, out, "st stats: ")
         else:
             results[row] = run_ours(row, args, base, data, out)
         print(f"{row}: {results[row]}", flush=True)
@@ -192,7 +284,47 @@ def main(argv=None) -> dict:
                f"torch {torch.__version__}, {'a tiny model' if args.quick else Path(base).name}, batch {args.batch} "
                f"per task, length {args.max_length}, GradCache mini-batch {args.mini_batch}; our rows under "
                f"{Path(args.deepspeed_config).name} but cbb_zero2.")
-    report = table(results, machine)
+    return results, table(results, machine)
+
+
+def run_large_rows(args, rows: list[str], out: Path) -> tuple[dict, str]:
+    """The hardware rows: a BERT-large-shaped pre-training step, tokens/s and MFU."""
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no GPU")
+    model = args.model or random_model(out, TINY if args.quick else LARGE)
+    gpus = max(1, torch.cuda.device_count()) if args.device == "cuda" else 1
+    pairs = max(args.big_batch if "large_32k" in rows else 0, args.batch * max(args.steps, 1)) * gpus
+    data = write_long_pairs(out, pairs, args.max_length)
+    results = {}
+    for row in rows:
+        results[row] = run_large(row, args, model, data, out, gpus)
+        print(f"{row}: {results[row]}", flush=True)
+    peak = peak_tflops(args)
+    device = f"{gpus} x {torch.cuda.get_device_name(0)}" if args.device == "cuda" else f"{os.cpu_count()} CPU cores, 1 rank"
+    n_params = matmul_parameters(model)
+    machine = (f"Command: `python bench/throughput.py --device {args.device}{' --quick' if args.quick else ''}`; "
+               f"{device}, torch {torch.__version__}, {Path(model).name} ({n_params:,} parameters "
+               f"in the layers), length {args.max_length}, {'bf16' if args.device == 'cuda' else 'fp32'}, ZeRO-1; "
+               f"MFU against {f'{peak:g} TFLOP/s' if peak else 'no known peak (pass --peak-tflops)'} per GPU.")
+    return results, large_table(results, n_params, peak, machine)
+
+
+def main(argv=None) -> dict:
+    args = with_defaults(parse_args(argv))
+    out = Path(args.out or ROOT / "bench/results" / ("throughput-quick" if args.quick else "throughput"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.st_row:  # the st row's own process: print its figures for the parent
+        print("st stats: " + json.dumps(run_st(args, base_model(args.model, args.quick, out), write_data(out), out)))
+        return {}
+    rows = [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in rows if r not in ROWS + LARGE_ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown row {unknown[0]}; known: {', '.join(ROWS + LARGE_ROWS)}")
+    large = [r for r in rows if r in LARGE_ROWS]
+    if large and len(large) != len(rows):
+        raise SystemExit(f"--rows: {', '.join(LARGE_ROWS)} make a table of their own; run them apart")
+    results, report = run_large_rows(args, rows, out) if large else run_rows(args, rows, argv, out)
     (out / "table.md").write_text(report + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(report)

@@ -20,10 +20,14 @@ def demo_texts() -> list[str]:
 
 
 def make_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0,
-                    prompts: dict[str, str] | None = None, include_prompt: bool = True) -> Path:
-    """Save a tiny SentenceTransformer (mean pooling, normalized) to out_dir and return the path.
+                    prompts: dict[str, str] | None = None, include_prompt: bool = True, heads: int = 2,
+                    intermediate: int | None = None, vocab_size: int | None = None, max_length: int = 64,
+                    pooling: str = "mean") -> Path:
+    """Save a tiny SentenceTransformer (mean pooling unless told, normalized) to out_dir and return the path.
 
-    include_prompt=False: the pooling leaves prompt tokens out (INSTRUCTOR-style models)."""
+    include_prompt=False: the pooling leaves prompt tokens out (INSTRUCTOR-style models). The shape
+    arguments build other sizes with random weights (bench/base_model.py's BERT-large shape):
+    vocab_size pads the embedding matrix past the demo data's WordPiece vocabulary."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, trainers
@@ -41,16 +45,17 @@ def make_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed
                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_max_length=128)
+                                   model_max_length=max(128, max_length))
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=128,
+    config = BertConfig(vocab_size=max(vocab_size or 0, tok.get_vocab_size()), hidden_size=hidden,
+                        num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate or hidden * 2,
+                        max_position_embeddings=max(128, max_length),
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     hf_dir = out_dir / "_hf"
     BertModel(config).save_pretrained(hf_dir)
     fast.save_pretrained(hf_dir)
-    encoder = Transformer(str(hf_dir), max_seq_length=64)
-    model = SentenceTransformer(modules=[encoder, Pooling(hidden, pooling_mode="mean", include_prompt=include_prompt), Normalize()],
+    encoder = Transformer(str(hf_dir), max_seq_length=max_length)
+    model = SentenceTransformer(modules=[encoder, Pooling(hidden, pooling_mode=pooling, include_prompt=include_prompt), Normalize()],
                                 device="cpu", prompts=prompts or {})
     model.save(str(out_dir))
     import shutil

@@ -179,6 +179,7 @@ class Run:
         # time spent waiting for data, against the whole time since the first fetch (the input share)
         self.input_s, self._t_first_fetch, self._t_train_end = 0.0, None, None
         self.tokens_total, self.timings = 0, {}  # for the end-of-run figures (bench/throughput.py reads them)
+        self._warm = None  # (time, tokens, step) when this process's first step ended: the steady rate leaves out warm-up
         self.writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -263,6 +264,8 @@ class Run:
 
     def after_step(self, sources: list[str], client_state: Callable[[], dict]) -> None:
         """Trace, log, checkpoint; at --stop-at-step, leave as if preempted (the checkpoint is saved)."""
+        if self._warm is None:
+            self._warm = (self._device_synced_time(), self.tokens_total, self.step)
         if self.trace:
             self.trace.write("".join(f"{self.step}\t{s}\n" for s in sources))
             self.trace.flush()
@@ -338,7 +341,7 @@ class Run:
         `embed(texts, prompt)` encodes through the engine (every rank takes part: ZeRO-3 gathers
         weights in forward); `rebuild()` makes the untrained model with the same modules, on CPU.
         """
-        self._t_train_end = time.perf_counter()  # the input share is of the training time, not the export's
+        self._t_train_end = self._device_synced_time()  # the input share is of the training time, not the export's
         stats = self.train_stats()
         self.bar.close()
         tag = f"step{self.step}"
@@ -359,19 +362,31 @@ class Run:
             print(f"train stats: {json.dumps(stats)}", flush=True)
         return final
 
+    def _device_synced_time(self) -> float:
+        """The wall clock once the device has finished the queued work (kernels run behind the host)."""
+        if torch.device(self.engine.device).type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def train_stats(self) -> dict:
         """Steps, training seconds, non-padding tokens of all ranks, rank 0's input and timed shares
-        and its peak resident memory (a collective: every rank calls it)."""
+        and its peak resident (and GPU) memory; `warm_*`: the same after the first step, whose
+        compilation and allocator warm-up are not the steady rate (a collective: every rank calls it)."""
         import resource
 
         from .distributed import gather_seconds
-        tokens = torch.tensor([float(self.tokens_total)], dtype=torch.float64)
+        end = self._t_train_end or time.perf_counter()
+        warm_t, warm_tokens, warm_step = self._warm or (end, self.tokens_total, self.step)
+        tokens = torch.tensor([float(self.tokens_total), float(self.tokens_total - warm_tokens)], dtype=torch.float64)
         dist.all_reduce(tokens, group=self.control)
-        seconds = (self._t_train_end or time.perf_counter()) - (self._t_first_fetch or time.perf_counter())
-        return {"steps": self.step, "seconds": round(seconds, 3), "tokens": int(tokens.item()),
-                "input_share": round(self.input_share, 4),
+        seconds = end - (self._t_first_fetch or end)
+        on_gpu = torch.device(self.engine.device).type == "cuda"
+        return {"steps": self.step, "seconds": round(seconds, 3), "tokens": int(tokens[0].item()),
+                "warm_steps": self.step - warm_step, "warm_seconds": round(end - warm_t, 3),
+                "warm_tokens": int(tokens[1].item()), "input_share": round(self.input_share, 4),
                 **{f"{k}_share": round(v / max(seconds, 1e-9), 4) for k, v in self.timings.items()},
-                **({"gather_share": round(gather_seconds() / max(seconds, 1e-9), 4)} if not torch.cuda.is_available() else {}),
+                **({"gather_share": round(gather_seconds() / max(seconds, 1e-9), 4)} if not on_gpu else {}),
+                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if on_gpu else {}),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
     def close(self) -> None:
