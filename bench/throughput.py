@@ -21,7 +21,7 @@ data parallel, every rank the whole optimizer, which a model this size affords).
     python bench/throughput.py --device cuda   # the hardware: tokens/s and MFU of a BERT-large step
 
 With --device cuda the rows are pre-training steps (train/pretrain.py, gathered InfoNCE) of a model
-of bge-large-zh's shape with random weights (24 x 1024, 335M parameters, 302M in the layers) on
+of bge-large-zh's shape with random weights (24 x 1024, 326M parameters, 302M in the layers) on
 pairs that fill --max-length (512) tokens, bf16, ZeRO-1, one rank per GPU:
   large        --batch pairs per GPU, no GradCache
   large_cache  the same batch through GradCache (--mini-batch texts per forward): its price
