@@ -42,5 +42,5 @@ def matmul_parameters(path: str) -> int:
     from transformers import AutoConfig, AutoModel
     with torch.device("meta"):  # shapes only, no memory
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(path))
-    return sum(p.numel() for name, p in encoder.named_parameters() 
+    return sum(p.numel() for name, p in encoder.named_parameters()
                if "embeddings" not in name and "pooler" not in name)

@@ -43,6 +43,7 @@ def unseen_dev(data_dir: Path, to: Path, seen: set[str]) -> tuple[Path, dict[str
     relevant passages) that hold a text in `seen`; the corpus stays whole. Returns the copy and,
     per task, how many items were kept of how many."""
     from bench.ablation import read_jsonl, write_beir, write_jsonl
+    from eval.local_tasks import read_beir
     kept = {}
     for file, task in (("stsb.jsonl", "STSB-zh-dev"), ("afqmc.jsonl", "AFQMC-dev")):
         rows = read_jsonl(data_dir / "dev" / file)
@@ -50,16 +51,10 @@ def unseen_dev(data_dir: Path, to: Path, seen: set[str]) -> tuple[Path, dict[str
         write_jsonl(to / "dev" / file, keep)
         kept[task] = f"{len(keep)} of {len(rows)}"
     for folder, task in (("cmrc", "CMRC-dev"), ("alpaca", "Alpaca-OOD")):
-        corpus = read_jsonl(data_dir / "dev" / folder / "corpus.jsonl")
-        queries = read_jsonl(data_dir / "dev" / folder / "queries.jsonl")
+        corpus, queries, qrels = read_beir(data_dir / "dev" / folder)
         text = {d["_id"]: d["text"].strip() for d in corpus}
-        qrels: dict[str, list[str]] = {}
-        with open(data_dir / "dev" / folder / "qrels.tsv", encoding="utf-8") as f:
-            for line in list(f)[1:]:
-                qid, doc, _ = line.rstrip("\n").split("\t")
-                qrels.setdefault(qid, []).append(doc)
         keep = [q for q in queries if q["text"].strip() not in seen and not any(text[d] in seen for d in qrels[q["_id"]])]
-        write_beir(to / "dev" / folder, corpus, keep, {q["_id"]: qrels[q["_id"]] for q in keep})
+        write_beir(to / "dev" / folder, corpus, keep, {q["_id"]: list(qrels[q["_id"]]) for q in keep})
         kept[task] = f"{len(keep)} of {len(queries)}"
     return to, kept
 

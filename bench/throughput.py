@@ -115,15 +115,25 @@ def run_ours(row: str, args, base: str, data: Path, out: Path) -> dict:
     extra = ["--mini-batch", str(args.mini_batch)] if row == "cbb_cache" else []
     extra += ["--task-placement", "every-rank"] if row not in ("random", "cbb") else []
     extra += ["--deepspeed-config", str(ROOT / "ds_configs/zero2.json") if row == "cbb_zero2" else args.deepspeed_config]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-           str(29300 + os.getpid() % 500), str(ROOT / "train/finetune.py"), "--model", base,
+    cmd = [*launcher(2, "train/finetune.py"), "--model", base,
            "--data-config", str(task_config(data, args.batch, row == "cbb_mining")), "--task-schedule", schedule,
            "--max-steps", str(steps), "--max-length", str(args.max_length), "--output-dir", str(out / "runs" / row),
            "--save-steps", "100000", "--log-steps", str(max(1, steps // 4)), "--merge-weight", "1", *extra]
-    stats = run_logged(row, cmd, env, out, "train stats: ")
+    stats = run_logged(row, cmd, script_env(threads=1), out, "train stats: ")
     return {**stats, "examples": steps * args.batch * (2 if schedule == "cbb" else 1)}
+
+
+def launcher(ranks: int, script: str) -> list[str]:
+    """torch.distributed.run of one of our training scripts on `ranks` local ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port",
+            str(29300 + os.getpid() % 500), str(ROOT / script)]
+
+
+def script_env(threads: int | None) -> dict:
+    """The environment of our rows: offline, the repo importable, `threads` per rank (None: leave it)."""
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 def run_logged(row: str, cmd: list[str], env: dict, out: Path, prefix: str) -> dict:
@@ -159,20 +169,22 @@ def write_long_pairs(out: Path, lines: int, chars: int) -> Path:
     return path
 
 
+def large_row_size(row: str, args) -> tuple[int, int, int]:
+    """(pairs per GPU per step, steps, GradCache mini-batch or 0) of a large row."""
+    if row == "large_32k":
+        return args.big_batch, 2, args.big_mini_batch
+    return args.batch, args.steps, args.mini_batch if row == "large_cache" else 0
+
+
 def run_large(row: str, args, model: str, data: Path, out: Path, gpus: int) -> dict:
     """A pre-training run of the large rows: bf16 and one rank per GPU on cuda, fp32 on CPU (--quick)."""
-    batch, steps = (args.big_batch, 2) if row == "large_32k" else (args.batch, args.steps)
-    mini_batch = {"large": 0, "large_cache": args.mini_batch, "large_32k": args.big_mini_batch}[row]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_port",
-           str(29300 + os.getpid() % 500), str(ROOT / "train/pretrain.py"), "--model", model,
+    batch, steps, mini_batch = large_row_size(row, args)
+    cmd = [*launcher(gpus, "train/pretrain.py"), "--model", model,
            "--train-data", str(data), "--batch-size", str(batch), "--max-length", str(args.max_length),
            "--max-steps", str(steps), "--deepspeed-config", str(ROOT / "ds_configs/zero1.json"),
            "--precision", "bf16" if args.device == "cuda" else "fp32", "--output-dir", str(out / "runs" / row),
            "--save-steps", "100000", "--log-steps", str(max(1, steps // 4)), "--mini-batch", str(mini_batch)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           **({} if args.device == "cuda" else {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    stats = run_logged(row, cmd, env, out, "train stats: ")
+    stats = run_logged(row, cmd, script_env(None if args.device == "cuda" else os.cpu_count()), out, "train stats: ")
     return {**stats, "gpus": gpus, "pairs_per_step": batch * gpus, "mini_batch": mini_batch}
 
 
@@ -294,7 +306,8 @@ def run_large_rows(args, rows: list[str], out: Path) -> tuple[dict, str]:
         raise SystemExit(f"--device cuda: torch {torch.__version__} sees no GPU")
     model = args.model or random_model(out, TINY if args.quick else LARGE)
     gpus = max(1, torch.cuda.device_count()) if args.device == "cuda" else 1
-    pairs = max(args.big_batch if "large_32k" in rows else 0, args.batch * max(args.steps, 1)) * gpus
+    # one epoch covers every step of every row: a new epoch would re-read and tokenize inside a timed step
+    pairs = max(batch * steps for batch, steps, _ in (large_row_size(r, args) for r in rows)) * gpus
     data = write_long_pairs(out, pairs, args.max_length)
     results = {}
     for row in rows:

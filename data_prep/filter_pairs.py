@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-from train.data import DataError, json_object, _texts, _text
+from train.records import DataError, json_object, _texts, _text
 
 BINS = np.linspace(-1.0, 1.0, 41)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 
-from train.data import DataError, parse_record, read_examples
+from train.records import DataError, parse_record, read_examples
 
 
 def normalize_text(text: str) -> str:

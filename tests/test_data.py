@@ -121,7 +121,7 @@ def test_length_grouping_cuts_padding():
     ({"neg_pool": ["c"], "neg_pool_scores": ["high"]}, "'neg_pool_scores' must be a list of numbers"),
 ])
 def test_mining_scores_must_match_their_texts(extra, message):
-    from train.data import parse_record
+    from train.records import parse_record
     line = json.dumps({"query": "q", "pos": ["p"], "neg": ["a", "b"], **extra})
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_record(line, 2)

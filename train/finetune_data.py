@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .data import DataError, Example, JsonlStream, PairStream, SkipReport, _text, json_object, read_examples
+from .data import JsonlStream, PairStream
+from .records import DataError, Example, SkipReport, _text, json_object, read_examples
 from .tasks import Task
 
 

@@ -167,6 +167,7 @@ class Run:
                  client: dict | None = None):
         self.engine, self.scheduler, self.args = engine, scheduler, args
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.on_gpu = torch.device(engine.device).type == "cuda"
         self.is_main = self.rank == 0
         self.out_dir = Path(args.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -285,7 +286,7 @@ class Run:
         """Add the block's wall time to `timings[name]` (reported with the input share at the end).
         A block of `device_work` is timed on CPU only: on a GPU its wall time would be the kernel
         launches, and syncing to time it would slow the step it measures."""
-        if device_work and torch.device(self.engine.device).type == "cuda":
+        if device_work and self.on_gpu:
             yield
             return
         started = time.perf_counter()
@@ -364,7 +365,7 @@ class Run:
 
     def _device_synced_time(self) -> float:
         """The wall clock once the device has finished the queued work (kernels run behind the host)."""
-        if torch.device(self.engine.device).type == "cuda":
+        if self.on_gpu:
             torch.cuda.synchronize()
         return time.perf_counter()
 
@@ -380,13 +381,12 @@ class Run:
         tokens = torch.tensor([float(self.tokens_total), float(self.tokens_total - warm_tokens)], dtype=torch.float64)
         dist.all_reduce(tokens, group=self.control)
         seconds = end - (self._t_first_fetch or end)
-        on_gpu = torch.device(self.engine.device).type == "cuda"
         return {"steps": self.step, "seconds": round(seconds, 3), "tokens": int(tokens[0].item()),
                 "warm_steps": self.step - warm_step, "warm_seconds": round(end - warm_t, 3),
                 "warm_tokens": int(tokens[1].item()), "input_share": round(self.input_share, 4),
                 **{f"{k}_share": round(v / max(seconds, 1e-9), 4) for k, v in self.timings.items()},
-                **({"gather_share": round(gather_seconds() / max(seconds, 1e-9), 4)} if not on_gpu else {}),
-                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if on_gpu else {}),
+                **({"gather_share": round(gather_seconds() / max(seconds, 1e-9), 4)} if not self.on_gpu else {}),
+                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if self.on_gpu else {}),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
     def close(self) -> None:

@@ -61,7 +61,7 @@ def reason_key(reason: str) -> str:
 
 def line_checker(kind: str, num_negatives: int = 0):
     """line (str) -> None, or ValueError with the reason: the training loop's own parser for `kind`."""
-    from .data import pair_maker
+    from .records import pair_maker
     from .finetune_data import make_sts, parse_labelled
     make = {"pairs": pair_maker(num_negatives), "retrieval": pair_maker(max(num_negatives, 1)),
             "sts": make_sts, "classification": parse_labelled}[kind]
