@@ -11,20 +11,25 @@ Rows, all from the same base, on the same training data, with the same examples 
   c     + CBB: every task in every step, ranks split between tasks
   d     b + dynamic hard-negative mining (paper's v1 rule)
   e     CBB + dynamic mining: the full recipe
-  f     e merged with the base, 0.5 / 0.5 (LM-Cocktail; train/merge.py), to keep general ability
+  f     e merged with the base (LM-Cocktail), to keep general ability: the weight is chosen by
+        eval/merge_sweep.py on the tune split below (best average with no task more than 1.0 below
+        the base), never on the dev sets
 
 Training data (../shared/data, split once with a fixed seed; nothing here is tuned on the dev sets):
-  retrieval  the 598 CMRC-trial queries not held out (2 of 1,002 are empty and left out, counted)
+  retrieval  the 498 CMRC-trial queries not held out (2 of 1,002 are empty and left out, counted)
              -> their paragraph, 100 retrieval-zh and 100 SNLI-zh queries, shuffled; hard negatives
              mined by the base model (data_prep/mine_negatives.py) from the 256 paragraphs and the
              sets' own negatives, so every row trains on the same negatives. 400 queries are drawn,
              those with no candidate left after the false-negative filter are left out (counted in
              the report), so 800 seen is 2+ epochs and dynamic mining gets its second visit.
-  sts        STS-B-zh train (5,231 pairs) + 5,000 AFQMC train pairs
+  sts        STS-B-zh train (5,231 pairs, less the 500 of the tune split) + 5,000 AFQMC train pairs
 Dev sets (no row trains on them), scored by eval/cmteb.py (mteb):
   STS-B-zh validation (Spearman), a held-out AFQMC split (2,000 pairs, Spearman), the 402 held-out
   CMRC queries against the full 256-paragraph corpus (nDCG@10), and out of domain: alpaca-zh
   instruction -> response retrieval (300 pairs, nDCG@10).
+Tune split (no row trains on it, the table does not report it; only row f's merge weight is chosen on
+  it): the same four kinds, from other items: 500 STS-B-zh train pairs, 1,000 other AFQMC pairs,
+  100 other CMRC queries against the full corpus, the next 300 alpaca-zh pairs.
 Each row's result is cached in OUT/results/<row>.json; a re-run only runs the rows that are missing.
 """
 from __future__ import annotations
@@ -38,7 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +59,7 @@ ROWS = {
     "c": "ours, CBB, static negatives",
     "d": "ours, random task per step + dynamic mining",
     "e": "ours, CBB + dynamic mining",
-    "f": "(e) merged with the base, 0.5/0.5 (LM-Cocktail)",
+    "f": "(e) merged with the base (LM-Cocktail), weight chosen on the tune split",
 }
 
 
@@ -78,13 +83,20 @@ class Budget:
     afqmc_dev: int = 2000
     stsb_dev: int = 0           # 0: all
     alpaca_dev: int = 300
+    stsb_tune: int = 500        # the tune split: row f's merge weight is chosen on it, nothing else
+    afqmc_tune: int = 1000
+    cmrc_tune: int = 100
+    alpaca_tune: int = 300
+    merge_weights: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
+    max_drop: float = 1.0       # points a tune task may lose against the base (issue #12's target)
     eval_batch: int = 32
     perc_pos: float = 0.95      # mining's false-negative filter (TopK-PercPos)
 
 
 QUICK = Budget(steps=3, batch=4, negatives=2, max_length=32, lr=1e-4, retrieval_rows=16, cmrc_train=12, cmrc_dev=20,
                retrieval_zh=4, snli=4, stsb_train=40, afqmc_train=40, afqmc_dev=40, stsb_dev=40, alpaca_dev=20,
-               eval_batch=16, perc_pos=100.0)  # a random tiny model scores everything alike: no filter
+               stsb_tune=20, afqmc_tune=20, cmrc_tune=8, alpaca_tune=10, merge_weights=(0.3, 0.7), eval_batch=16,
+               perc_pos=100.0)  # a random tiny model scores everything alike: no filter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="base model (default: multilingual-e5-small; --quick: a tiny model)")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     p.add_argument("--force", action="store_true", help="re-run rows that already have a result")
+    p.add_argument("--seed", type=int, default=None,
+                   help="another training seed (same data and split): the spread between seeds; default 42, "
+                        "written to bench/results/ablation-seed<N>, not to README.md")
     p.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
     return p.parse_args(argv)
 
@@ -146,8 +161,10 @@ def split_data(data_dir: Path, b: Budget) -> dict:
     skipped["cmrc empty queries"] = len(empty)
     queries = [q for q in queries if q["text"].strip() and q["_id"] in qrels]
     rng.shuffle(queries)
-    dev_q, train_q = queries[:b.cmrc_dev], take(queries[b.cmrc_dev:], b.cmrc_train)
-    write_beir(data_dir / "dev/cmrc", corpus, dev_q, {q["_id"]: qrels[q["_id"]] for q in dev_q})
+    dev_q, tune_q = queries[:b.cmrc_dev], queries[b.cmrc_dev:b.cmrc_dev + b.cmrc_tune]
+    train_q = take(queries[b.cmrc_dev + b.cmrc_tune:], b.cmrc_train)
+    for split, split_q in (("dev", dev_q), ("tune", tune_q)):
+        write_beir(data_dir / split / "cmrc", corpus, split_q, {q["_id"]: qrels[q["_id"]] for q in split_q})
     retrieval = [{"query": q["text"], "pos": [text_of[d] for d in qrels[q["_id"]]]} for q in train_q]
     extra_negatives = [d["text"] for d in corpus]
     for name, n in (("retrieval-zh/train.jsonl", b.retrieval_zh), ("nli-zh/snli_zh_triplets.jsonl", b.snli)):
@@ -165,17 +182,27 @@ def split_data(data_dir: Path, b: Budget) -> dict:
     afqmc = read_jsonl(SHARED / "afqmc/train.jsonl")
     rng.shuffle(stsb)
     rng.shuffle(afqmc)
-    sts = take(stsb, b.stsb_train) + afqmc[b.afqmc_dev:b.afqmc_dev + b.afqmc_train]
+    afqmc_used = b.afqmc_dev + b.afqmc_train
+    sts = take(stsb[b.stsb_tune:], b.stsb_train) + afqmc[b.afqmc_dev:afqmc_used]
     rng.shuffle(sts)
     write_jsonl(data_dir / "train/sts.jsonl", [{k: r[k] for k in ("sentence1", "sentence2", "score")} for r in sts])
     write_jsonl(data_dir / "dev/afqmc.jsonl", afqmc[:b.afqmc_dev])
     write_jsonl(data_dir / "dev/stsb.jsonl", take(read_jsonl(SHARED / "stsb-zh/validation.jsonl"), b.stsb_dev))
+    write_jsonl(data_dir / "tune/afqmc.jsonl", afqmc[afqmc_used:afqmc_used + b.afqmc_tune])
+    write_jsonl(data_dir / "tune/stsb.jsonl", stsb[:b.stsb_tune])
     # out of domain: LLM instruction -> response retrieval (no row trains on LLM data)
-    alpaca = json.load(open(SHARED / "llm-zh/alpaca_zh_demo.json", encoding="utf-8"))[:b.alpaca_dev]
-    write_beir(data_dir / "dev/alpaca", [{"_id": f"d{i}", "text": r["output"]} for i, r in enumerate(alpaca)],
-               [{"_id": f"q{i}", "text": (r["instruction"] + "\n" + r["input"]).strip()} for i, r in enumerate(alpaca)],
-               {f"q{i}": [f"d{i}"] for i in range(len(alpaca))})
-    return {"retrieval": len(retrieval), "sts": len(sts), "cmrc dev queries": len(dev_q), **skipped}
+    alpaca = json.load(open(SHARED / "llm-zh/alpaca_zh_demo.json", encoding="utf-8"))
+    write_pair_retrieval(data_dir / "dev/alpaca", alpaca[:b.alpaca_dev])
+    write_pair_retrieval(data_dir / "tune/alpaca", alpaca[b.alpaca_dev:b.alpaca_dev + b.alpaca_tune])
+    return {"retrieval": len(retrieval), "sts": len(sts), "cmrc dev queries": len(dev_q),
+            "cmrc tune queries": len(tune_q), **skipped}
+
+
+def write_pair_retrieval(folder: Path, rows: list[dict]) -> Path:
+    """Alpaca-style instruction -> response pairs as a BEIR folder: each instruction's one relevant document."""
+    queries = [{"_id": f"q{i}", "text": (r["instruction"] + "\n" + r["input"]).strip()} for i, r in enumerate(rows)]
+    return write_beir(folder, [{"_id": f"d{i}", "text": r["output"]} for i, r in enumerate(rows)], queries,
+                      {f"q{i}": [f"d{i}"] for i in range(len(rows))})
 
 
 def mine(data_dir: Path, base: str, b: Budget, env: dict) -> int:
@@ -207,10 +234,13 @@ def task_config(data_dir: Path, b: Budget, mining: bool) -> Path:
     return path
 
 
-def dev_tasks(data_dir: Path) -> list:
+def dev_tasks(data_dir: Path, split: str = "dev") -> list:
+    """The four scored sets of a split: "dev" (the table) or "tune" (row f's merge weight)."""
     from eval.local_tasks import local_retrieval, local_sts
-    return [local_sts(data_dir / "dev/stsb.jsonl", "STSB-zh-dev"), local_sts(data_dir / "dev/afqmc.jsonl", "AFQMC-dev"),
-            local_retrieval(data_dir / "dev/cmrc", "CMRC-dev"), local_retrieval(data_dir / "dev/alpaca", "Alpaca-OOD")]
+    d = data_dir / split
+    return [local_sts(d / "stsb.jsonl", f"STSB-zh-{split}"), local_sts(d / "afqmc.jsonl", f"AFQMC-{split}"),
+            local_retrieval(d / "cmrc", f"CMRC-{split}"),
+            local_retrieval(d / "alpaca", "Alpaca-OOD" if split == "dev" else "Alpaca-tune")]
 
 
 # --------------------------------------------------------------------------- rows
@@ -301,10 +331,16 @@ def train_sentence_transformers(row: str, out: Path, data_dir: Path, base: str, 
             "steps": 2 * b.steps}
 
 
-def merge_row(row: str, out: Path, base: str, source: dict) -> dict:
+def merge_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, source: dict) -> dict:
+    """Row f: the merge weight that eval/merge_sweep.py's rule picks on the tune split, then that merge."""
+    from eval.merge_sweep import sweep
     from train.merge import merge_release
-    final = merge_release(source["model"], base, 0.5, out / "runs" / row / "final")
-    return {"model": str(final), "examples": source["examples"], "steps": source["steps"], "mining": source.get("mining")}
+    start = time.perf_counter()
+    tune = sweep(source["model"], base, dev_tasks(data_dir, "tune"), b.merge_weights, b.max_drop, b.eval_batch,
+                 out / "tune")
+    final = merge_release(source["model"], base, tune["weight"], out / "runs" / row / "final")
+    return {"model": str(final), "examples": source["examples"], "steps": source["steps"], "mining": source.get("mining"),
+            "merge_weight": tune["weight"], "tune": tune, "sweep_seconds": time.perf_counter() - start}
 
 
 def train_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: dict, results: dict, force: bool) -> dict:
@@ -319,7 +355,7 @@ def train_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: di
     if row == "a":
         info = train_sentence_transformers(row, out, data_dir, base, b)
     elif row == "f":
-        info = merge_row(row, out, base, results.get("e") or json.loads((out / "results/e.json").read_text()))
+        info = merge_row(row, out, data_dir, base, b, results.get("e") or json.loads((out / "results/e.json").read_text()))
     else:
         schedule = "cbb" if row in ("c", "e") else "random"
         info = train_ours(row, out, data_dir, base, b, env, schedule, mining=row in ("d", "e"))
@@ -342,12 +378,26 @@ def evaluate_row(info: dict, data_dir: Path, out: Path, row: str, b: Budget) -> 
             "max_seq_length": model.max_seq_length}
 
 
+def tune_summary(f: dict) -> str:
+    """Row f's choice on the tune split: each weight's average and worst drop there (not dev scores)."""
+    from eval.merge_sweep import average, worst_drop
+    tune = f["tune"]
+    per_weight = "; ".join(f"{w}: {average(s):.2f} ({worst_drop(s, tune['base']):+.2f})"
+                           for w, s in tune["weights"].items())
+    return (f" Row f's merge weight, chosen on the tune split (best average with no task below the base by more "
+            f"than {tune['max_drop']:g}): {f['merge_weight']:g}; tune average (worst vs base) per weight: "
+            f"base {average(tune['base']):.2f}; {per_weight}; the sweep took {f['sweep_seconds']:.0f} s.")
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     budget = QUICK if args.quick else Budget()
-    out = Path(args.out or ROOT / "bench/results" / ("ablation-quick" if args.quick else "ablation"))
+    if args.seed is not None:
+        budget = replace(budget, seed=args.seed)
+    name = ("ablation-quick" if args.quick else "ablation") + (f"-seed{args.seed}" if args.seed is not None else "")
+    out = Path(args.out or ROOT / "bench/results" / name)
     rows = [r.strip() for r in args.rows.split(",")]
     if set(rows) - set(ROWS):
         raise SystemExit(f"--rows: unknown {sorted(set(rows) - set(ROWS))}; known: {', '.join(ROWS)}")
@@ -378,18 +428,23 @@ def main(argv=None) -> dict:
         print(f"row {row}: {ROWS[row]}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in info["scores"].items()), flush=True)
 
     machine = f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}, no GPU"
-    text = table(results, ROWS, machine)
+    labels = dict(ROWS)
+    if "f" in results:
+        labels["f"] = ROWS["f"] + f" ({results['f']['merge_weight']:g})"
+    text = table(results, labels, machine)
     plot(results, out / "ablation.png")
     seen = {r: results[r]["examples"] for r in rows if r != "base"}
-    command = "python bench/ablation.py" + (" --quick" if args.quick else "")
+    command = "python bench/ablation.py" + (" --quick" if args.quick else "") + (
+        f" --seed {args.seed}" if args.seed is not None else "")
     report = (f"{text}\n\nCommand: `{command}` ({machine}). Examples seen per row (retrieval, sts): "
               + "; ".join(f"{r} {s.get('retrieval', 0)}+{s.get('sts', 0)}" for r, s in seen.items())
               + f". Budget: {budget.steps} CBB steps x ({budget.batch} retrieval + {budget.batch} sts), "
               f"{budget.negatives} hard negatives per query, training length {budget.max_length}, lr {budget.lr:g}, "
-              f"seed {budget.seed}. Data: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
+              f"seed {budget.seed}. Data: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."
+              + (tune_summary(results["f"]) if "f" in results else ""))
     (out / "table.md").write_text(report + "\n")
     print(report)
-    if not args.quick and not args.no_readme and set(rows) == set(ROWS):
+    if not args.quick and not args.no_readme and args.seed is None and set(rows) == set(ROWS):
         shutil.copy(out / "ablation.png", ROOT / "docs/ablation.png")
         write_readme(report + "\n\n![per-task dev scores](docs/ablation.png)")
         print("README.md updated")

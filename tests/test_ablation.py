@@ -37,3 +37,19 @@ def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
     assert all(f"| {row}: " in table for row in "base a b c d e f".split())
     assert (out / "ablation.png").stat().st_size > 1000
     assert SentenceTransformer(results["f"]["model"], device="cpu").get_embedding_dimension() == results["e"]["width"]
+    # row f's merge weight is chosen on the tune split, which no row trains on and the table does not report
+    assert results["f"]["merge_weight"] in (0.3, 0.7) and set(results["f"]["tune"]["weights"]) == {"0.3", "0.7"}
+    assert "-tune" not in table.split("Command:")[0]
+    data = out / "data"
+
+    def read(path):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+    def pairs(path):
+        return {(r["sentence1"], r["sentence2"]) for r in read(path)}
+
+    train_sts, train_q = pairs(data / "train/sts.jsonl"), {r["query"] for r in read(data / "train/retrieval_raw.jsonl")}
+    tune_sts = pairs(data / "tune/afqmc.jsonl") | pairs(data / "tune/stsb.jsonl")
+    assert tune_sts and not tune_sts & (train_sts | pairs(data / "dev/afqmc.jsonl"))
+    dev_q, tune_q = ({r["text"] for r in read(data / split / "cmrc/queries.jsonl")} for split in ("dev", "tune"))
+    assert tune_q and not tune_q & dev_q and not (tune_q | dev_q) & train_q

@@ -54,3 +54,36 @@ def test_a_base_of_another_shape_is_refused(tiny_model, tmp_path):
     other = make_tiny_model(tmp_path / "other", hidden=16)
     with pytest.raises(SystemExit, match="does not match"):
         merge_main(["--model", str(tiny_model), "--base", str(other), "--output", str(tmp_path / "m")])
+
+
+def test_the_merge_weight_rule_keeps_every_task_near_the_base():
+    from eval.merge_sweep import choose_weight
+    base = {"sts": 0.80, "retrieval": 0.90}
+    by_weight = {0.3: {"sts": 0.81, "retrieval": 0.895},   # +1.0 / -0.5: within 1 point
+                 0.5: {"sts": 0.83, "retrieval": 0.892},   # -0.8: best average within (86.1)
+                 0.7: {"sts": 0.86, "retrieval": 0.880}}   # best average, but -2.0 on retrieval
+    assert choose_weight(by_weight, base, max_drop=1.0) == 0.5
+    assert choose_weight(by_weight, base, max_drop=3.0) == 0.7
+    # no weight keeps the bound: the smallest worst drop
+    assert choose_weight(by_weight, base, max_drop=0.1) == 0.3
+
+
+def test_merge_sweep_releases_the_merge_its_rule_picks_on_held_out_data(tiny_model, tmp_path):
+    import json
+    from eval.merge_sweep import choose_weight, main as sweep_main
+    from tests.conftest import ROOT
+    dev = tmp_path / "sts.jsonl"
+    lines = (ROOT.parent / "shared/data/stsb-zh/validation.jsonl").read_text(encoding="utf-8").splitlines()[:24]
+    dev.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ft_dir = fine_tuned_copy(tiny_model, tmp_path / "ft")
+    result = sweep_main(["--model", str(ft_dir), "--base", str(tiny_model), "--local", f"sts:{dev}",
+                         "--weights", "0.2,0.8", "--output", str(tmp_path / "m")])
+    saved = json.loads((tmp_path / "m/merge_sweep.json").read_text())
+    assert set(saved["weights"]) == {"0.2", "0.8"} and saved["weight"] == result["weight"]
+    assert saved["weights"]["0.2"] != saved["weights"]["0.8"]  # the merges differ on the data
+    assert result["weight"] == choose_weight({float(w): s for w, s in saved["weights"].items()}, saved["base"], 1.0)
+    w = result["weight"]
+    b, f, m = (SentenceTransformer(str(d), device="cpu")[0].auto_model.state_dict()
+               for d in (tiny_model, ft_dir, tmp_path / "m"))
+    for name in b:
+        torch.testing.assert_close(m[name], w * f[name] + (1 - w) * b[name], rtol=0, atol=1e-6)

@@ -63,8 +63,9 @@ def parse_args(argv=None):
     loss.add_argument("--mrl-dims", default="auto", help="comma-separated Matryoshka dims, auto, or none")
     loss.add_argument("--mrl-weights", default=None, help="comma-separated weights (default: all 1)")
     p.add_argument("--merge-weight", type=float, default=0.5,
-                   help="release = w x fine-tuned + (1 - w) x the base model (LM-Cocktail; it won the ablation "
-                        "in README); the unmerged model is kept in OUTPUT_DIR/final_unmerged; 1: no merge")
+                   help="release = w x fine-tuned + (1 - w) x the base model (LM-Cocktail; the ablation's best row, "
+                        "0.5 chosen on its tune split; eval/merge_sweep.py chooses on your data); "
+                        "the unmerged model is kept in OUTPUT_DIR/final_unmerged; 1: no merge")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the release folder to this Hub repo")
     p.set_defaults(output_dir="output/finetune", lr=1e-5, warmup_ratio=0.1)
     return p.parse_args(argv)
