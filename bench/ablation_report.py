@@ -1,9 +1,13 @@
 """The ablation's report: the table, the per-task plot and the README block (bench/ablation.py)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from eval.merge_sweep import average, worst_drop  # noqa: E402  (after the path)
+
 README_BEGIN, README_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
@@ -16,10 +20,8 @@ def table(results: dict[str, dict], labels: dict[str, str], machine: str) -> str
     lines = [head, "|" + "---|" * (len(tasks) + 6)]
     for row, r in results.items():
         s = r["scores"]
-        avg = 100 * sum(s.values()) / len(s)
-        worst = min(100 * (s[t] - base[t]) for t in tasks)
-        narrow = (f"{100 * sum(r['scores_base_width'].values()) / len(s):.2f}" if r["width"] != results["base"]["width"]
-                  else "=")
+        avg, worst = average(s), worst_drop(s, base)
+        narrow = f"{average(r['scores_base_width']):.2f}" if r["width"] != results["base"]["width"] else "="
         m = r.get("mining")
         mined = f"{m['replaced']} ({m['first_step']}–{m['last_step']})" if m and m["replaced"] else ("0" if m else "—")
         lines.append(f"| {row}: {labels[row]} | " + " | ".join(f"{100 * s[t]:.2f}" for t in tasks)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.ablation import Budget, evaluate_row, split_data  # noqa: E402  (after the path)
+from bench.ablation import evaluate_row  # noqa: E402  (after the path)
+from bench.ablation_data import Budget, split_data  # noqa: E402
 from bench.base_model import base_model  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def unseen_dev(data_dir: Path, to: Path, seen: set[str]) -> tuple[Path, dict[str
     """A copy of the ablation's dev sets without the STS pairs and retrieval queries (with their
     relevant passages) that hold a text in `seen`; the corpus stays whole. Returns the copy and,
     per task, how many items were kept of how many."""
-    from bench.ablation import read_jsonl, write_beir, write_jsonl
+    from bench.ablation_data import read_jsonl, write_beir, write_jsonl
     from eval.local_tasks import read_beir
     kept = {}
     for file, task in (("stsb.jsonl", "STSB-zh-dev"), ("afqmc.jsonl", "AFQMC-dev")):
@@ -64,7 +65,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(ROOT / "bench/results/pretrain_effect"))
     p.add_argument("--force", action="store_true", help="train again though OUT/pretrain/final exists")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the training runs with the repo as cwd
     budget = Budget()
     data_dir = out / "data"
     split_data(data_dir, budget)  # the ablation's split: same seed, same dev sets

@@ -4,7 +4,7 @@ losses, every row in its own fresh process, one after the other in this one invo
     python bench/throughput.py                 # multilingual-e5-small (offline), 800 examples per row
     python bench/throughput.py --quick         # a tiny model: a smoke run (CI)
 
-Rows, each seeing the same number of examples of the shipped demo data (retrieval triplets with one
+Rows, each seeing the same number of examples of the shipped demo data or --data's (retrieval triplets with one
 hard negative, STS pairs) at --max-length tokens:
   st          sentence-transformers' trainer: MNRL with the hard negative + CoSENT, round robin,
               one process using every core (what a user runs)
@@ -30,7 +30,8 @@ MFU counts 6 x the layers' parameters x non-padding tokens per second (attention
 GradCache's second forward are not counted: they are cost, not model work) against the GPU's dense
 bf16 peak (--peak-tflops, or known for H100/H200/A100), over the steps after the first.
 
-Printed per row: examples/s, non-padding tokens/s, peak resident memory of the (rank 0) process,
+With --repeat N the rows run in N rounds, each row in turn, and each row's figures are those of
+its run of median time (the table gives the range of its times). Printed per row: examples/s, non-padding tokens/s, peak resident memory of the (rank 0) process,
 the ratio to the st row, and for ours the shares of rank 0's training time spent waiting for input,
 in the forwards (with the losses), in backward (with ZeRO's gradient reduction, and so the wait for
 a slower rank), in the optimizer step (with ZeRO's gather of the updated weights), in mining (its
@@ -66,6 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model, few examples")
     p.add_argument("--model", default=None, help="default: multilingual-e5-small (offline); --quick: a tiny model")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the BERT-large rows")
+    p.add_argument("--data", default=str(DEMO), help="folder with retrieval.jsonl (query, pos, neg) and sts.jsonl "
+                                                     "(default: the shipped demo data); e.g. the ablation's "
+                                                     "bench/results/ablation/data/train, whose CMRC paragraphs fill "
+                                                     "the length")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the rows; each row's figures are from its run "
+                                                         "of median time, the table shows the range")
     p.add_argument("--examples", type=int, default=800, help="examples each row trains on (half retrieval, half STS)")
     p.add_argument("--batch", type=int, default=None, help="examples per task per step (default 16); cuda: pairs "
                                                            "per GPU of the large rows (default 32)")
@@ -87,14 +94,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
 
 
-def write_data(out: Path) -> Path:
-    """The demo retrieval set with one hard negative per query, and the demo STS set."""
+def write_data(out: Path, source: Path = DEMO) -> Path:
+    """`source`'s retrieval set (those queries with a hard negative, the first one kept) and its STS set."""
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    retrieval = [dict(r, neg=r["neg"][:1]) for r in read_jsonl(DEMO / "retrieval.jsonl") if r.get("neg")]
+    for name in ("retrieval.jsonl", "sts.jsonl"):
+        if not (source / name).is_file():
+            raise SystemExit(f"--data: {source / name} not found (the folder needs retrieval.jsonl and sts.jsonl)")
+    retrieval = [dict(r, neg=r["neg"][:1]) for r in read_jsonl(source / "retrieval.jsonl") if r.get("neg")]
     (data / "retrieval.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retrieval),
                                           encoding="utf-8")
-    (data / "sts.jsonl").write_text((DEMO / "sts.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    (data / "sts.jsonl").write_text((source / "sts.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     return data
 
 
@@ -258,7 +268,8 @@ def table(results: dict, machine: str) -> str:
         rate = r["examples"] / r["seconds"]
         ratio = f"{rate / (peer['examples'] / peer['seconds']):.2f}x" if peer else ""
         share = lambda key: f"{100 * r[key]:.1f}%" if key in r else ""  # noqa: E731
-        lines.append(f"| {row} | {r['examples']} | {r['steps']} | {r['seconds']:.0f} | {rate:.2f} | "
+        spread = f" ({min(r['seconds_all']):.0f}–{max(r['seconds_all']):.0f})" if len(r.get("seconds_all", [])) > 1 else ""
+        lines.append(f"| {row} | {r['examples']} | {r['steps']} | {r['seconds']:.0f}{spread} | {rate:.2f} | "
                      f"{r['tokens'] / r['seconds']:,.0f} | {ratio} | {r['peak_rss_mb']:.0f} | "
                      + " | ".join(share(f"{k}_share") for k in ("input", "forward", "backward", "step", "mining", "gather"))
                      + " |")
@@ -278,21 +289,31 @@ def with_defaults(args) -> argparse.Namespace:
     return args
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median time (the lower middle of an even count), with every run's seconds kept."""
+    middle = sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+    return {**middle, "seconds_all": [r["seconds"] for r in runs]}
+
+
 def run_rows(args, rows: list[str], argv, out: Path) -> tuple[dict, str]:
     """The fine-tuning rows against the peer: their results and the table."""
+    data = write_data(out, Path(args.data))
     base = base_model(args.model, args.quick, out)
-    data = write_data(out)
-    results = {}
-    for row in rows:
-        if row == "st":
-            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-            results[row] = run_logged(row, [sys.executable, __file__, "--st-row", "1", *(argv or sys.argv[1:])],
-                                      env, out, "st stats: ")
-        else:
-            results[row] = run_ours(row, args, base, data, out)
-        print(f"{row}: {results[row]}", flush=True)
+    runs: dict[str, list[dict]] = {row: [] for row in rows}
+    for round_ in range(args.repeat):  # rounds of every row in turn: a slow spell of the machine hits them alike
+        for row in rows:
+            if row == "st":
+                env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+                runs[row].append(run_logged(row, [sys.executable, __file__, "--st-row", "1", *(argv or sys.argv[1:])],
+                                            env, out, "st stats: "))
+            else:
+                runs[row].append(run_ours(row, args, base, data, out))
+            print(f"{row} (round {round_ + 1}): {runs[row][-1]}", flush=True)
+    results = {row: median_run(r) for row, r in runs.items()}
     import torch
-    machine = (f"Command: `python bench/throughput.py{' --quick' if args.quick else ''}`; {os.cpu_count()} CPU cores, "
+    command = "python bench/throughput.py" + (" --quick" if args.quick else "") + (
+        f" --data {args.data}" if Path(args.data) != DEMO else "") + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
+    machine = (f"Command: `{command}`; {os.cpu_count()} CPU cores, "
                f"torch {torch.__version__}, {'a tiny model' if args.quick else Path(base).name}, batch {args.batch} "
                f"per task, length {args.max_length}, GradCache mini-batch {args.mini_batch}; our rows under "
                f"{Path(args.deepspeed_config).name} but cbb_zero2.")
@@ -325,10 +346,10 @@ def run_large_rows(args, rows: list[str], out: Path) -> tuple[dict, str]:
 
 def main(argv=None) -> dict:
     args = with_defaults(parse_args(argv))
-    out = Path(args.out or ROOT / "bench/results" / ("throughput-quick" if args.quick else "throughput"))
+    out = Path(args.out or ROOT / "bench/results" / ("throughput-quick" if args.quick else "throughput")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.st_row:  # the st row's own process: print its figures for the parent
-        print("st stats: " + json.dumps(run_st(args, base_model(args.model, args.quick, out), write_data(out), out)))
+        print("st stats: " + json.dumps(run_st(args, base_model(args.model, args.quick, out), write_data(out, Path(args.data)), out)))
         return {}
     rows = [r.strip() for r in args.rows.split(",")]
     unknown = [r for r in rows if r not in ROWS + LARGE_ROWS]

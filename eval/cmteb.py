@@ -97,11 +97,19 @@ def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_pr
 
     query = model.prompts.get("query", "")
     symmetric = query if symmetric_prompt is None else symmetric_prompt
-    prompts = {"query": query, "document": model.prompts.get("document", ""), **dict.fromkeys(SYMMETRIC_TYPES, symmetric)}
+    prompts = {"query": query, "document": document_prompt(model), **dict.fromkeys(SYMMETRIC_TYPES, symmetric)}
     encoder = CachedTruncated(model, model_prompts={k: v for k, v in prompts.items() if v})
     suffix = f"-dim{dim}" if dim else ""
     encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(name=f"local/{name}{suffix}", revision="local"))
     return encoder
+
+
+def document_prompt(model) -> str:
+    """The prompt documents are encoded with: the model's "document" prompt, else its "passage" one.
+    sentence-transformers gives every model a "document" prompt, "" where the model's config names
+    none, so an e5-style model (prompts "query" and "passage") would otherwise encode its documents
+    bare and score below what it can."""
+    return model.prompts.get("document") or model.prompts.get("passage", "")
 
 
 def evaluate(model, tasks: list, dims: list[int | None], batch_size: int, name: str, out: Path,
@@ -171,7 +179,6 @@ def main(argv=None) -> dict:
         model.prompts["query"] = args.query_prompt
     if args.passage_prompt is not None:
         model.prompts["passage"] = model.prompts["document"] = args.passage_prompt
-    model.prompts.setdefault("document", model.prompts.get("passage", ""))
     width = model.get_embedding_dimension()
     dims = [int(d) for d in args.dims.split(",")] if args.dims else [None]
     if any(d is not None and not 0 < d <= width for d in dims):

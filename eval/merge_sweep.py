@@ -52,8 +52,6 @@ def sweep(model_dir: str | Path, base: str, tasks: list, weights: tuple[float, .
     source, local_only = resolve_model(base)
     base_model = SentenceTransformer(source, device="cpu", local_files_only=local_only)
     model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
-    for m in (base_model, model):
-        m.prompts.setdefault("document", m.prompts.get("passage", ""))
     trained = {k: v.clone() for k, v in model[0].auto_model.state_dict().items()}
     base_scores = evaluate(base_model, tasks, [None], batch_size, "merge-sweep-base", out / "base")[None]
     by_weight: dict[float, dict[str, float]] = {}

@@ -53,3 +53,8 @@ def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
     assert tune_sts and not tune_sts & (train_sts | pairs(data / "dev/afqmc.jsonl"))
     dev_q, tune_q = ({r["text"] for r in read(data / split / "cmrc/queries.jsonl")} for split in ("dev", "tune"))
     assert tune_q and not tune_q & dev_q and not (tune_q | dev_q) & train_q
+    # bench/cmrc_probe.py's probe set: the tune split's CMRC queries and others no row trained on, none of dev's
+    from bench.cmrc_probe import write_probe_set
+    n = write_probe_set(data, tmp_path / "probe")
+    probe_q = {r["text"] for r in read(tmp_path / "probe/queries.jsonl")}
+    assert n == len(probe_q) > len(tune_q) and tune_q <= probe_q and not probe_q & (dev_q | train_q)

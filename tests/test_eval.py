@@ -168,3 +168,18 @@ def test_symmetric_tasks_get_the_query_prompt_on_both_sides(tiny_model, sts_file
     _, cache = evaluate_keeping_caches(model, [local_task(f"sts:{sts_file}")], [None], 64, "tiny", tmp_path / "b",
                               symmetric_prompt="")
     assert np.allclose(embeddings_of(cache, first), model.encode(first), atol=1e-5)
+
+
+def test_documents_get_the_passage_prompt_when_the_model_names_no_document_one(beir_folder, tmp_path):
+    """An e5-style model (prompts "query" and "passage"): sentence-transformers fills "document" with ""
+    on load, and retrieval must still encode the corpus with "passage: ", not bare."""
+    from eval.local_tasks import local_retrieval
+    from tests.tiny_model import make_tiny_model
+    folder, docs = beir_folder
+    path = make_tiny_model(tmp_path / "e5-style", prompts={"query": "query: ", "passage": "passage: "})
+    model = SentenceTransformer(str(path), device="cpu")
+    assert model.prompts.get("document") == ""  # what sentence-transformers does: the case this guards
+    _, cache = evaluate_keeping_caches(model, [local_retrieval(folder)], [None], 64, "tiny", tmp_path / "eval")
+    texts, embeddings = next((t, e) for t, e in cache.values() if set(t) == set(docs.values()))
+    assert np.allclose(embeddings, model.encode(texts, prompt="passage: "), atol=1e-5)
+    assert not np.allclose(embeddings, model.encode(texts), atol=1e-3)
