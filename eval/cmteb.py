@@ -108,7 +108,7 @@ def document_prompt(model) -> str:
     """The prompt documents are encoded with: the model's "document" prompt, else its "passage" one.
     sentence-transformers gives every model a "document" prompt, "" where the model's config names
     none, so an e5-style model (prompts "query" and "passage") would otherwise encode its documents
-    bare and score below what it can."""
+    bare, without the prompt it was trained with."""
     return model.prompts.get("document") or model.prompts.get("passage", "")
 
 
