@@ -74,6 +74,16 @@ def write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: dic
     return folder
 
 
+def read_qrels(path: Path) -> dict[str, list[str]]:
+    """{query id: [relevant doc ids]} of a BEIR qrels.tsv (header row skipped)."""
+    qrels: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t"):
+            if row and row[0] != "query-id":
+                qrels.setdefault(row[0], []).append(row[1])
+    return qrels
+
+
 def take(rows: list, n: int) -> list:
     return rows if n == 0 else rows[:n]
 
@@ -86,11 +96,7 @@ def split_data(data_dir: Path, b: Budget) -> dict:
     cmrc = SHARED / "cmrc2018-trial"
     corpus = read_jsonl(cmrc / "corpus.jsonl")
     text_of = {d["_id"]: d["text"] for d in corpus}
-    qrels: dict[str, list[str]] = {}
-    with open(cmrc / "qrels.tsv", encoding="utf-8") as f:
-        for row in csv.reader(f, delimiter="\t"):
-            if row[0] != "query-id":
-                qrels.setdefault(row[0], []).append(row[1])
+    qrels = read_qrels(cmrc / "qrels.tsv")
     queries = read_jsonl(cmrc / "queries.jsonl")
     empty = [q["_id"] for q in queries if not q["text"].strip()]
     skipped["cmrc empty queries"] = len(empty)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.ablation import train_ours, training_env  # noqa: E402  (after the path)
-from bench.ablation_data import Budget, read_jsonl, write_beir  # noqa: E402
+from bench.ablation_data import Budget, read_jsonl, read_qrels, write_beir  # noqa: E402
 
 VARIANTS = {"d_len256": {"max_length": 256}, "d_lr1e-5": {"lr": 1e-5}}
 
@@ -45,11 +45,7 @@ def write_probe_set(data_dir: Path, folder: Path) -> int:
     cmrc = ROOT.parent / "shared/data/cmrc2018-trial"
     seen = {r["query"] for r in read_jsonl(data_dir / "train/retrieval_raw.jsonl")}
     seen |= {q["text"] for q in read_jsonl(data_dir / "dev/cmrc/queries.jsonl")}
-    qrels: dict[str, list[str]] = {}
-    for line in open(cmrc / "qrels.tsv", encoding="utf-8"):
-        qid, doc, *_ = line.rstrip("\n").split("\t")
-        if qid != "query-id":
-            qrels.setdefault(qid, []).append(doc)
+    qrels = read_qrels(cmrc / "qrels.tsv")
     queries = [q for q in read_jsonl(cmrc / "queries.jsonl")
                if q["text"].strip() and q["_id"] in qrels and q["text"] not in seen]
     write_beir(folder, read_jsonl(cmrc / "corpus.jsonl"), queries, {q["_id"]: qrels[q["_id"]] for q in queries})

@@ -1,5 +1,6 @@
 """GradCache (train/grad_cache.py): the same step as without it, on 2 ranks under ZeRO 1/2/3, with the
-activation memory of one mini-batch."""
+activation memory of one mini-batch; and sparse embedding gradients (train/model.py): the same step
+as dense ones under ZeRO 0-3, with and without GradCache."""
 import json
 
 import pytest
@@ -40,6 +41,23 @@ def test_grad_cache_step_equals_the_uncached_step(two_rank_run, stage, case):
     # mini-batches of 3: the forward runs twice per mini-batch, and as often on every rank
     per_rank = [losses_forwards[0][(stage, case, MINI_BATCH)][1] for losses_forwards in two_rank_run["per_rank"]]
     assert len(set(per_rank)) == 1 and per_rank[0] >= 2 * 4, per_rank
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("cached", [0, MINI_BATCH])
+def test_sparse_embedding_gradients_give_the_dense_step(two_rank_run, stage, cached):
+    dense, sparse = two_rank_run["results"][(stage, "cbb", 0)], two_rank_run["results"][(stage, "cbb", cached, "sparse")]
+    for name, value in dense["losses"].items():
+        assert sparse["losses"][name] == pytest.approx(value, rel=1e-5), name
+    word = next(n for n in dense["grads"] if n.endswith("word_embeddings.weight"))
+    used = int((dense["grads"][word].abs().sum(1) > 0).sum())
+    assert 0 < used < dense["grads"][word].shape[0]  # some rows, not all: the case sparse rows are for
+    scale = max(g.abs().max().item() for g in dense["grads"].values())
+    for name, grad in dense["grads"].items():
+        assert (sparse["grads"][name] - grad).abs().max().item() < 1e-5 * max(1.0, scale), name
+        assert (sparse["weights"][name] - dense["weights"][name]).abs().max().item() < 1e-5 * max(1.0, scale), name
+    # plain data parallel all-reduces the rows as they are; every ZeRO stage gets them dense as they land
+    assert sparse["sparse_reduced"] == (stage == 0) and not dense["sparse_reduced"]
 
 
 def test_grad_cache_batch_of_1024_holds_no_more_than_an_uncached_batch_of_2n(two_rank_run):
@@ -89,3 +107,40 @@ def test_grad_cache_replays_the_same_dropout_masks(tiny_model):
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # the gradient is of the embeddings the loss saw
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
+
+
+@pytest.mark.parametrize("on_accumulate", [True, False])
+def test_sparse_embedding_gradients_match_dense_ones_step_after_step(tiny_model, on_accumulate):
+    """Three SGD steps in one process, each encoding in two forwards: the same gradients and weights as
+    dense gradients at every step (the dense buffer is reused from step to step). SGD, because Adam
+    turns float-rounding noise in a near-zero gradient into a whole learning-rate step."""
+    from sentence_transformers import SentenceTransformer
+
+    from train.encoding import encode_groups
+    from train.model import densify_embedding_gradients, sparse_embedding_gradients
+    texts = [["短", "一个稍长一点的句子", "第三个句子，比前两个都长得多，用来分桶"], ["另一组", "长度不一的文本，看看怎样"]]
+    runs = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = SentenceTransformer(str(tiny_model), device="cpu")
+        if sparse:
+            assert sparse_embedding_gradients(model, dense_on_accumulate=on_accumulate) >= 1
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        weights = []
+        for step in range(3):
+            groups = [(texts[0][step:] + texts[1], "query: "), (texts[1][::-1], "passage: ")]
+            (q, p), _ = encode_groups(model, model, groups, "cpu", buckets=2)
+            (q.sum() * (step + 1) + p.pow(2).sum()).backward()
+            densify_embedding_gradients(model)
+            word = model[0].auto_model.get_input_embeddings().weight
+            assert word.grad is not None and not word.grad.is_sparse
+            grads = {"grad " + n: w.grad.clone() for n, w in model.named_parameters() if w.grad is not None}
+            optimizer.step()
+            optimizer.zero_grad()
+            weights.append({**grads, **{n: w.detach().clone() for n, w in model.named_parameters()}})
+        runs.append(weights)
+    for step, (dense, sparse) in enumerate(zip(*runs)):
+        for name, w in dense.items():
+            assert torch.allclose(sparse[name], w, atol=1e-5), (step, name)
+    word = next(n for n in runs[0][0] if n.endswith("word_embeddings.weight") and not n.startswith("grad"))
+    assert not torch.equal(runs[0][0][word], runs[0][2][word])  # the steps moved the weights

@@ -47,6 +47,13 @@ def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: fl
     return cfg
 
 
+def reduces_sparse_gradients(cfg: dict) -> bool:
+    """Plain data parallel in fp32 (ZeRO-0, no bf16/fp16 optimizer): DeepSpeed's all-reduce takes a
+    sparse gradient as it is (gathering its rows); every other setup needs dense gradients as they land."""
+    return cfg.get("zero_optimization", {}).get("stage", 0) == 0 and \
+        not any(cfg.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
+
+
 def offloads_optimizer(cfg: dict) -> bool:
     off = cfg.get("zero_optimization", {}).get("offload_optimizer", {})
     return off.get("device", "none") == "cpu"

@@ -30,8 +30,9 @@ from tqdm import tqdm
 from . import fault_injection
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import DataError
-from .ds_config import build_optimizer, load_ds_config
+from .ds_config import build_optimizer, load_ds_config, reduces_sparse_gradients
 from .export import check_export, export_sentence_transformer, fp32_weights
+from .model import densify_embedding_gradients
 
 
 def set_cpu_threads() -> None:
@@ -150,8 +151,10 @@ def build_engine(model, args, micro_batch: int, world: int, total_steps: int):
     import deepspeed
     from transformers import get_linear_schedule_with_warmup
 
-    from .model import parameter_groups
+    from .model import parameter_groups, sparse_embedding_gradients
     ds_config = load_ds_config(args.deepspeed_config, micro_batch, world, args.max_grad_norm, args.precision)
+    # embedding gradients of the used rows only; dense once per backward, or after the all-reduce
+    sparse_embedding_gradients(model, dense_on_accumulate=not reduces_sparse_gradients(ds_config))
     groups = parameter_groups(model, args.lr, getattr(args, "expansion_lr", None))
     optimizer = build_optimizer(groups, ds_config, args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
@@ -244,6 +247,7 @@ class Run:
         self.bad_in_a_row = 0
         with self.timed("backward", device_work=True):  # with ZeRO, the gradient reduction overlaps it
             (backward or self.engine.backward)(loss)
+            densify_embedding_gradients(self.engine.module)  # where they stayed sparse through the all-reduce
         with self.timed("step", device_work=True):  # the optimizer, and ZeRO's gather of updated weights
             self.engine.step()
         self.step += 1

@@ -7,6 +7,8 @@ Adam's first step would normalise away):
   pretrain: gathered InfoNCE with one hard negative, the code path of train/pretrain.py
   cbb:      the tasks of TASKS_JSON through train.multitask.step_loss (CBB scaling, Matryoshka dims),
             ranks holding different tasks and so different numbers of texts
+and the cbb case again under ZeRO 0-3, with and without GradCache, with sparse embedding gradients
+(train/model.py's sparse_embedding_gradients, as train/runner.py sets them up), against the dense step;
 and the memory case: pre-training at a global batch of 1,024 pairs with GradCache (mini-batches of
 32 texts) against 2 x 32 pairs per rank without, measured as the peak bytes of tensors held for backward.
 """
@@ -21,11 +23,12 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from sentence_transformers import SentenceTransformer
 
 from train.data import PairStream, rank_slice
-from train.ds_config import load_ds_config
+from train.ds_config import load_ds_config, reduces_sparse_gradients
 from train.encoding import encode_tokenized, tokenize_groups
 from train.finetune_data import task_stream
 from train.grad_cache import GradCache
 from train.losses import InfoNCELoss
+from train.model import densify_embedding_gradients, sparse_embedding_gradients
 from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
 from train.tasks import assign_ranks, load_data_config
 
@@ -70,9 +73,11 @@ class _Holder:
         self.t = t
 
 
-def engine_for(model_dir: str, stage: int, world: int):
+def engine_for(model_dir: str, stage: int, world: int, sparse: bool = False):
     model = SentenceTransformer(model_dir, device="cpu")
     cfg = load_ds_config(ROOT / f"ds_configs/zero{stage}.json", 1, world, grad_clip=0.0, precision="fp32")
+    if sparse:  # as train/runner.py's build_engine sets it up
+        sparse_embedding_gradients(model, dense_on_accumulate=not reduces_sparse_gradients(cfg))
     cfg["zero_allow_untested_optimizer"] = True  # SGD: the test's choice, not the scripts'
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=cfg)
     return engine, model
@@ -104,8 +109,8 @@ def with_negatives(stream):
     return batch
 
 
-def one_step(model_dir, stage, case, mini_batch, config_path, rank, world) -> dict:
-    engine, model = engine_for(model_dir, stage, world)
+def one_step(model_dir, stage, case, mini_batch, config_path, rank, world, sparse=False) -> dict:
+    engine, model = engine_for(model_dir, stage, world, sparse)
     forwards = []
     engine.module.register_forward_hook(lambda _, args, __: forwards.append(args[0]["input_ids"].shape[0]))
     cache = GradCache(engine, mini_batch, engine.device) if mini_batch else None
@@ -127,9 +132,13 @@ def one_step(model_dir, stage, case, mini_batch, config_path, rank, world) -> di
                            LossSettings(0.05, 20.0, dims=[8, 16, 32], weights=[1.0, 0.5, 1.0]), miners={})
         loss, losses = result.total, {k: v.item() for k, v in result.losses.items()}
     (cache.backward if cache else engine.backward)(loss)
+    word = model[0].auto_model.get_input_embeddings().weight
+    sparse_reduced = word.grad is not None and word.grad.is_sparse
+    densify_embedding_gradients(engine.module)  # as train/runner.py's Run.optimize does
     grads = full(engine, safe_get_full_grad)
     engine.step()
-    return {"losses": losses, "grads": grads, "weights": full(engine, safe_get_full_fp32_param), "forwards": len(forwards)}
+    return {"losses": losses, "grads": grads, "weights": full(engine, safe_get_full_fp32_param), "forwards": len(forwards),
+            "sparse_reduced": sparse_reduced}
 
 
 def memory(model_dir, mini_batch, rank, world) -> dict:
@@ -161,6 +170,11 @@ def main() -> None:
         for case in ("pretrain", "cbb"):
             for cached in (0, mini_batch):
                 results[(stage, case, cached)] = one_step(model_dir, stage, case, cached, config_path, rank, world)
+    results[(0, "cbb", 0)] = one_step(model_dir, 0, "cbb", 0, config_path, rank, world)
+    for stage in (0, 1, 2, 3):  # sparse embedding gradients (train/model.py), against the dense step above
+        for cached in (0, mini_batch):
+            results[(stage, "cbb", cached, "sparse")] = one_step(model_dir, stage, "cbb", cached, config_path, rank,
+                                                                world, sparse=True)
     per_rank = [None] * world
     dist.all_gather_object(per_rank, ({k: (v["losses"], v["forwards"]) for k, v in results.items()},
                                       memory(model_dir, MEMORY_MINI_BATCH, rank, world)))
