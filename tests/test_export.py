@@ -41,14 +41,19 @@ def bf16_runs(tiny_model, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("config", ["zero1", "zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("config", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
 def test_bf16_run_exports_its_fp32_master_weights(bf16_runs, config):
     out, stdout = bf16_runs(config)
     assert "export check: reloaded model matches the engine" in stdout
     check = torch.load(out / "export_check.pt")
     # the engine ran in bf16, the release is fp32: the rounding shows, and stays within the derived bound
     assert 0 < check["max_abs_diff"] <= check["tolerance"] < 5e-2
-    assert exported_equals_checkpoint(out) == 0.0
+    if config == "zero0":  # no ZeRO checkpoint to rebuild from: the optimizer's fp32 masters, taken directly
+        assert "could not rebuild" not in stdout
+        release = load_file(out / "final/model.safetensors")
+        assert any((w != w.bfloat16().float()).any() for w in release.values())  # fp32 bits, not bf16 ones
+    else:
+        assert exported_equals_checkpoint(out) == 0.0
     # training length is a compute choice: the release encodes at the base model's own length
     assert (check["train_max_length"], check["release_max_length"]) == (32, 64)
     assert SentenceTransformer(str(out / "final"), device="cpu").max_seq_length == 64

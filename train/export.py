@@ -26,7 +26,9 @@ def fp32_weights(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | 
     memory on the other ranks). If that cannot run (e.g. a checkpoint layout it does not know), every
     rank joins in gathering the fp32 master weights from the live engine instead.
     """
-    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+    if engine.zero_optimization_stage() == 0:  # no ZeRO checkpoint layout for zero_to_fp32 to read
+        if engine.bfloat16_enabled():
+            return _stage0_fp32_master_weights(engine) if engine.global_rank == 0 else None
         return _module_weights(engine) if engine.global_rank == 0 else None
     weights, error = None, None
     if engine.global_rank == 0:
@@ -45,6 +47,25 @@ def fp32_weights(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | 
         print(f"export: zero_to_fp32 could not rebuild the weights ({verdict[0]}); "
               "gathering the fp32 master weights from the engine instead")
     return engine_fp32_weights(engine)
+
+
+def _stage0_fp32_master_weights(engine) -> dict[str, torch.Tensor]:
+    """bf16 without ZeRO: DeepSpeed's mixed-precision optimizer keeps the fp32 master weights of its
+    `fp16_groups` (the module holds bf16 copies): one flat tensor per group (`fp32_groups_flat`, the
+    wrapper around DeepSpeed's own FusedAdam) or one tensor per parameter (`fp32_groups`, the unfused
+    wrapper it uses for any other optimizer: torch's AdamW, DeepSpeedCPUAdam)."""
+    from torch._utils import _unflatten_dense_tensors
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_groups_flat"):
+        fp32 = [_unflatten_dense_tensors(flat.detach(), group) for group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat)]
+    else:
+        fp32 = opt.fp32_groups
+    masters = {id(p): m for group, ms in zip(opt.fp16_groups, fp32) for p, m in zip(group, ms)}
+    weights = {name: masters.get(id(p), p).detach().float().cpu().clone() for name, p in engine.module.named_parameters()}
+    for name, value in engine.module.state_dict().items():  # persistent buffers
+        if name not in weights:
+            weights[name] = value.detach().cpu().clone()
+    return weights
 
 
 def engine_fp32_weights(engine) -> dict[str, torch.Tensor] | None:
