@@ -11,7 +11,7 @@ hard negative, STS pairs) at --max-length tokens:
   random      train/finetune.py, one task per step, 2 ranks each with its own queries
   cbb         train/finetune.py, CBB: both tasks in every step (retrieval on one rank, STS on the other)
   cbb_every   cbb with --task-placement every-rank: each rank half of each task (the same objective)
-  cbb_zero2   cbb_every under ZeRO-2 (the scripts' default config) instead of --deepspeed-config
+  cbb_zero2   cbb_every under ZeRO-2 (zero2.json) instead of --deepspeed-config
   cbb_mining  cbb_every with dynamic hard-negative mining (the share of step time it takes)
   cbb_cache   cbb_every with GradCache (--mini-batch): the price of the second forward
 

@@ -28,7 +28,9 @@ def add_model_args(g) -> None:
 
 def add_training_args(g) -> None:
     g.add_argument("--output-dir", default="output/run")
-    g.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs/zero2.json"))
+    g.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs/zero0.json"),
+                   help="default: plain data parallel (a model of e5/BGE size fits on every device); "
+                        "ds_configs/zero1-3 for bigger models")
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: whole epochs)")
     g.add_argument("--lr", type=float, default=2e-5)

@@ -2,7 +2,7 @@
 
     deepspeed train/pretrain.py                                   # demo data, default base model
     deepspeed --num_gpus 8 train/pretrain.py --train-data pairs/*.jsonl --model BAAI/bge-base-zh-v1.5 \
-        --deepspeed-config ds_configs/zero2.json --batch-size 128 --output-dir output/pretrain
+        --deepspeed-config ds_configs/zero0.json --batch-size 128 --output-dir output/pretrain
 
 The loop: read a global batch, encode this rank's queries and passages, take the gathered InfoNCE
 loss, step, log, checkpoint; at the end, export a sentence-transformers folder. What is not the
