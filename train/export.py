@@ -28,7 +28,7 @@ def fp32_weights(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | 
     """
     if engine.zero_optimization_stage() == 0:  # no ZeRO checkpoint layout for zero_to_fp32 to read
         if engine.bfloat16_enabled():
-            return _stage0_fp32_master_weights(engine) if engine.global_rank == 0 else None
+            return engine_fp32_weights(engine)  # the optimizer's masters; no collective at stage 0
         return _module_weights(engine) if engine.global_rank == 0 else None
     weights, error = None, None
     if engine.global_rank == 0:
@@ -49,40 +49,42 @@ def fp32_weights(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | 
     return engine_fp32_weights(engine)
 
 
-def _stage0_fp32_master_weights(engine) -> dict[str, torch.Tensor]:
-    """bf16 without ZeRO: DeepSpeed's mixed-precision optimizer keeps the fp32 master weights of its
-    `fp16_groups` (the module holds bf16 copies): one flat tensor per group (`fp32_groups_flat`, the
-    wrapper around DeepSpeed's own FusedAdam) or one tensor per parameter (`fp32_groups`, the unfused
-    wrapper it uses for any other optimizer: torch's AdamW, DeepSpeedCPUAdam)."""
-    from torch._utils import _unflatten_dense_tensors
-    opt = engine.optimizer
-    if hasattr(opt, "fp32_groups_flat"):
-        fp32 = [_unflatten_dense_tensors(flat.detach(), group) for group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat)]
-    else:
-        fp32 = opt.fp32_groups
-    masters = {id(p): m for group, ms in zip(opt.fp16_groups, fp32) for p, m in zip(group, ms)}
-    weights = {name: masters.get(id(p), p).detach().float().cpu().clone() for name, p in engine.module.named_parameters()}
-    for name, value in engine.module.state_dict().items():  # persistent buffers
-        if name not in weights:
-            weights[name] = value.detach().cpu().clone()
-    return weights
-
-
 def engine_fp32_weights(engine) -> dict[str, torch.Tensor] | None:
     """fp32 master weights gathered from the live engine; a collective (every rank calls it)."""
     from deepspeed.utils import safe_get_full_fp32_param
     is_main = engine.global_rank == 0
+    stage0_masters = _stage0_bf16_masters(engine) if is_main else {}
     weights = {}
     for name, param in engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)  # all ranks, same order: it all-reduces / all-gathers
+        if full is None:  # no ZeRO: the module's own weights, or the mixed-precision optimizer's master
+            full = stage0_masters.get(id(param), param)
         if is_main:
-            weights[name] = (param if full is None else full).detach().float().cpu().clone()
+            weights[name] = full.detach().float().cpu().clone()
     if not is_main:
         return None
     for name, value in engine.module.state_dict().items():  # persistent buffers: what a state dict holds
         if name not in weights:
             weights[name] = value.detach().cpu().clone()
     return weights
+
+
+def _stage0_bf16_masters(engine) -> dict[int, torch.Tensor]:
+    """bf16 without ZeRO: DeepSpeed's mixed-precision optimizer keeps the fp32 master weights of its
+    `fp16_groups` (the module holds bf16 copies, and safe_get_full_fp32_param gives None): one flat
+    tensor per group (`fp32_groups_flat`, the wrapper around DeepSpeed's own FusedAdam) or one tensor
+    per parameter (`fp32_groups`, the unfused wrapper it uses for any other optimizer: torch's AdamW,
+    DeepSpeedCPUAdam). {id(module parameter): master}; empty under ZeRO (ZeRO-3's optimizer has
+    `fp16_groups` too, but its masters are what safe_get_full_fp32_param reads) and in fp32."""
+    if engine.zero_optimization_stage() != 0 or not engine.bfloat16_enabled():
+        return {}
+    from torch._utils import _unflatten_dense_tensors
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_groups_flat"):
+        fp32 = [_unflatten_dense_tensors(flat.detach(), group) for group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat)]
+    else:
+        fp32 = opt.fp32_groups
+    return {id(p): m for group, ms in zip(opt.fp16_groups, fp32) for p, m in zip(group, ms)}
 
 
 def _module_weights(engine) -> dict[str, torch.Tensor]:
