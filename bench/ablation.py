@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None,
                    help="another training seed (same data and split): the spread between seeds; default 42, "
                         "written to bench/results/ablation-seed<N>, not to README.md")
+    p.add_argument("--lr", type=float, default=None,
+                   help="another learning rate for every trained row (same data, split and seed); default 2e-5, "
+                        "written to bench/results/ablation-lr<LR>, not to README.md (bench/lr_choice.py picks "
+                        "each trainer's lr on the tune split)")
     p.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
     return p.parse_args(argv)
 
@@ -234,7 +238,10 @@ def main(argv=None) -> dict:
     budget = QUICK if args.quick else Budget()
     if args.seed is not None:
         budget = replace(budget, seed=args.seed)
-    name = ("ablation-quick" if args.quick else "ablation") + (f"-seed{args.seed}" if args.seed is not None else "")
+    if args.lr is not None:
+        budget = replace(budget, lr=args.lr)
+    variant = (f"-seed{args.seed}" if args.seed is not None else "") + (f"-lr{args.lr:g}" if args.lr is not None else "")
+    name = ("ablation-quick" if args.quick else "ablation") + variant
     out = Path(args.out or ROOT / "bench/results" / name).resolve()  # our rows run with the repo as cwd
     rows = [r.strip() for r in args.rows.split(",")]
     if set(rows) - set(ROWS):
@@ -272,7 +279,7 @@ def main(argv=None) -> dict:
     plot(results, out / "ablation.png")
     seen = {r: results[r]["examples"] for r in rows if r != "base"}
     command = "python bench/ablation.py" + (" --quick" if args.quick else "") + (
-        f" --seed {args.seed}" if args.seed is not None else "")
+        f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {args.lr:g}" if args.lr is not None else "")
     report = (f"{text}\n\nCommand: `{command}` ({machine}). Examples seen per row (retrieval, sts): "
               + "; ".join(f"{r} {s.get('retrieval', 0)}+{s.get('sts', 0)}" for r, s in seen.items())
               + f". Budget: {budget.steps} CBB steps x ({budget.batch} retrieval + {budget.batch} sts), "
@@ -281,7 +288,7 @@ def main(argv=None) -> dict:
               + (tune_summary(results["f"]) if "f" in results else ""))
     (out / "table.md").write_text(report + "\n")
     print(report)
-    if not args.quick and not args.no_readme and args.seed is None and set(rows) == set(ROWS):
+    if not args.quick and not args.no_readme and not variant and set(rows) == set(ROWS):
         shutil.copy(out / "ablation.png", ROOT / "docs/ablation.png")
         write_readme(report + "\n\n![per-task dev scores](docs/ablation.png)")
         print("README.md updated")

@@ -8,11 +8,15 @@ import sys
 from tests.conftest import RANK_ENV, ROOT
 
 
-def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
-    out = tmp_path / "ablation"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/ablation.py"), "--quick", "--out", str(out)],
+def run_ablation(*args: str) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/ablation.py"), "--quick", *args],
                           cwd=ROOT, env={**os.environ, **RANK_ENV}, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
+    out = tmp_path / "ablation-quick"
+    run_ablation("--out", str(out))
     results = {row: json.loads((out / "results" / f"{row}.json").read_text()) for row in "base a b c d e f".split()}
     base = results["base"]
     from sentence_transformers import SentenceTransformer
@@ -58,3 +62,21 @@ def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
     n = write_probe_set(data, tmp_path / "probe")
     probe_q = {r["text"] for r in read(tmp_path / "probe/queries.jsonl")}
     assert n == len(probe_q) > len(tune_q) and tune_q <= probe_q and not probe_q & (dev_q | train_q)
+
+    # bench/lr_choice.py: each trainer's lr chosen on the tune split, between this run and one at another lr
+    other = tmp_path / "ablation-quick-lr0.0003"
+    run_ablation("--lr", "3e-4", "--rows", "a,e,f", "--out", str(other), "--model", str(out / "tiny-base"))
+    from bench.lr_choice import main as lr_choice
+    from eval.merge_sweep import average, choose_weight
+    chosen = lr_choice(["--quick", "--lrs", "1e-4,3e-4", "--results", str(tmp_path)])
+    tune_base = json.loads((out / "results/f.json").read_text())["tune"]["base"]
+    text = (tmp_path / "lr_choice.md").read_text()
+    for row, label in (("a", "sentence-transformers trainer"), ("f", "ours, CBB + mining, merged")):
+        tune = {}  # what the choice must follow: tune scores (the peer's scored once and kept), never dev ones
+        for lr, run in ((1e-4, out), (3e-4, other)):
+            f = json.loads((run / "results/f.json").read_text())
+            tune[lr] = (json.loads((run / "tune/a.json").read_text()) if row == "a"
+                        else f["tune"]["weights"][str(f["merge_weight"])])
+        assert chosen[row] == choose_weight(tune, tune_base, 1.0), row
+        [line] = [x for x in text.splitlines() if x.startswith(f"| {row}: {label}") and "**yes**" in x]
+        assert line.split(" | ")[1:3] == [f"{chosen[row]:g}", f"{average(tune[chosen[row]]):.2f}"], line
