@@ -3,6 +3,7 @@
     python bench/ablation.py                         # every row at lr 2e-5 (the table in README.md)
     python bench/ablation.py --lr 1e-5 --rows a,e,f  # the peer and the full recipe at lr 1e-5
     python bench/lr_choice.py                        # the choice, and the dev table of every lr run
+    python bench/lr_choice.py --seed 7               # the same between `bench/ablation.py --seed 7 [--lr ..]` runs
 
 A learning rate fixed in advance favours whichever trainer it happens to suit, so each trainer gets
 the same chance: the sentence-transformers row (a) and the full recipe (f: CBB + mining, merged with
@@ -33,14 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--lrs", default="1e-05,2e-05", help="the learning rates to choose between (each must have been run)")
     p.add_argument("--quick", action="store_true", help="choose between `bench/ablation.py --quick` runs")
+    p.add_argument("--seed", type=int, default=None, help="choose between `bench/ablation.py --seed N` runs")
     p.add_argument("--results", default=str(ROOT / "bench/results"), help="where bench/ablation.py wrote its runs")
     p.add_argument("--max-drop", type=float, default=Budget().max_drop, help="points a tune task may lose against the base")
     return p.parse_args(argv)
 
 
-def run_dir(results: Path, lr: float, quick: bool) -> Path:
+def run_dir(results: Path, lr: float, quick: bool, seed: int | None) -> Path:
     """bench/ablation.py's output folder for this lr (its default lr writes the main table's)."""
     name, default = ("ablation-quick", QUICK.lr) if quick else ("ablation", Budget().lr)
+    name += f"-seed{seed}" if seed is not None else ""
     return results / (name if lr == default else f"{name}-lr{lr:g}")
 
 
@@ -69,9 +72,10 @@ def choose_lr(tune: dict[float, dict[str, float]], base: dict[str, float], max_d
     return choose_weight(tune, base, max_drop)
 
 
-def report(results: Path, lrs: list[float], max_drop: float, quick: bool = False) -> tuple[str, dict[str, float]]:
+def report(results: Path, lrs: list[float], max_drop: float, quick: bool = False,
+           seed: int | None = None) -> tuple[str, dict[str, float]]:
     """The markdown table and verdict, and {trainer row: chosen lr}."""
-    outs = {lr: run_dir(results, lr, quick) for lr in lrs}
+    outs = {lr: run_dir(results, lr, quick, seed) for lr in lrs}
     missing = [str(o / "results" / f"{row}.json") for o in outs.values() for row in ("base", *TRAINERS)
                if not (o / "results" / f"{row}.json").is_file()]
     if missing:
@@ -110,8 +114,9 @@ def report(results: Path, lrs: list[float], max_drop: float, quick: bool = False
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
     lrs = sorted(float(x) for x in args.lrs.split(","))
-    text, chosen = report(Path(args.results), lrs, args.max_drop, args.quick)
-    (Path(args.results) / "lr_choice.md").write_text(text + "\n")
+    text, chosen = report(Path(args.results), lrs, args.max_drop, args.quick, args.seed)
+    name = "lr_choice" + (f"-seed{args.seed}" if args.seed is not None else "") + ".md"
+    (Path(args.results) / name).write_text(text + "\n")
     print(text)
     return chosen
 
