@@ -146,15 +146,22 @@ def finite_on_all_ranks(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+def use_sparse_embedding_gradients(model, ds_config: dict) -> int:
+    """Embedding gradients of the used rows only (train/model.py's sparse_embedding_gradients), made dense
+    once per backward, or, where this DeepSpeed config all-reduces sparse gradients, after the all-reduce.
+    Before deepspeed.initialize: the densifying hook must run before ZeRO's own."""
+    from .model import sparse_embedding_gradients
+    return sparse_embedding_gradients(model, dense_on_accumulate=not reduces_sparse_gradients(ds_config))
+
+
 def build_engine(model, args, micro_batch: int, world: int, total_steps: int):
     """DeepSpeed engine and LR schedule (linear warmup and decay, every group alike) from the shared flags."""
     import deepspeed
     from transformers import get_linear_schedule_with_warmup
 
-    from .model import parameter_groups, sparse_embedding_gradients
+    from .model import parameter_groups
     ds_config = load_ds_config(args.deepspeed_config, micro_batch, world, args.max_grad_norm, args.precision)
-    # embedding gradients of the used rows only; dense once per backward, or after the all-reduce
-    sparse_embedding_gradients(model, dense_on_accumulate=not reduces_sparse_gradients(ds_config))
+    use_sparse_embedding_gradients(model, ds_config)
     groups = parameter_groups(model, args.lr, getattr(args, "expansion_lr", None))
     optimizer = build_optimizer(groups, ds_config, args.lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)

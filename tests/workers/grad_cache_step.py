@@ -8,7 +8,7 @@ Adam's first step would normalise away):
   cbb:      the tasks of TASKS_JSON through train.multitask.step_loss (CBB scaling, Matryoshka dims),
             ranks holding different tasks and so different numbers of texts
 and the cbb case again under ZeRO 0-3, with and without GradCache, with sparse embedding gradients
-(train/model.py's sparse_embedding_gradients, as train/runner.py sets them up), against the dense step;
+(train/runner.py's use_sparse_embedding_gradients, as its build_engine calls it), against the dense step;
 and the memory case: pre-training at a global batch of 1,024 pairs with GradCache (mini-batches of
 32 texts) against 2 x 32 pairs per rank without, measured as the peak bytes of tensors held for backward.
 """
@@ -23,13 +23,14 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from sentence_transformers import SentenceTransformer
 
 from train.data import PairStream, rank_slice
-from train.ds_config import load_ds_config, reduces_sparse_gradients
+from train.ds_config import load_ds_config
 from train.encoding import encode_tokenized, tokenize_groups
 from train.finetune_data import task_stream
 from train.grad_cache import GradCache
 from train.losses import InfoNCELoss
-from train.model import densify_embedding_gradients, sparse_embedding_gradients
+from train.model import densify_embedding_gradients
 from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
+from train.runner import use_sparse_embedding_gradients
 from train.tasks import assign_ranks, load_data_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,8 +77,8 @@ class _Holder:
 def engine_for(model_dir: str, stage: int, world: int, sparse: bool = False):
     model = SentenceTransformer(model_dir, device="cpu")
     cfg = load_ds_config(ROOT / f"ds_configs/zero{stage}.json", 1, world, grad_clip=0.0, precision="fp32")
-    if sparse:  # as train/runner.py's build_engine sets it up
-        sparse_embedding_gradients(model, dense_on_accumulate=not reduces_sparse_gradients(cfg))
+    if sparse:  # what train/runner.py's build_engine calls
+        use_sparse_embedding_gradients(model, cfg)
     cfg["zero_allow_untested_optimizer"] = True  # SGD: the test's choice, not the scripts'
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=cfg)
     return engine, model
