@@ -250,7 +250,7 @@ def test_shared_index_reads_each_file_once_per_run_and_equals_a_fresh_index(tmp_
 
     import train.data
     from train.data import index_shards
-    from train.runner import shared_index
+    from train.rank_zero_data import shared_index
     path = topic_file(tmp_path / "t.jsonl", topics=3, per_topic=50)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -30,9 +30,9 @@ from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, lo
                          set_pooling, with_expansion)
 from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
 from train.prefetch import close_prefetch, prefetched
+from train.rank_zero_data import shared_index, validate_data
 from train.release import push_to_hub, schedule_name, write_model_card
-from train.runner import (Run, build_engine, end_run, local_rank_zero_first, shared_index, start_run,
-                          validate_data)
+from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
 from train.tasks import PLACEMENTS, ConfigError, assign_ranks, load_data_config
 
 DEMO_CONFIG = ROOT / "data/demo/finetune/tasks.yaml"

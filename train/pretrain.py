@@ -21,8 +21,8 @@ from train.encoding import Tokenized, allow_mixed_prompts, encode_groups, encode
 from train.losses import InfoNCELoss
 from train.model import DEFAULT_MODEL, load_model, set_pooling
 from train.prefetch import close_prefetch, prefetched
-from train.runner import (Run, build_engine, end_run, local_rank_zero_first, shared_index, start_run,
-                          validate_data)
+from train.rank_zero_data import shared_index, validate_data
+from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
 
 DEMO_DATA = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
 
