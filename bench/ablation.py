@@ -75,7 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None,
                    help="another learning rate for every trained row (same data, split and seed); default 2e-5, "
                         "written to bench/results/ablation-lr<LR>, not to README.md (bench/lr_choice.py picks "
-                        "each trainer's lr on the tune split)")
+                        "each trainer's lr and temperature on the tune split)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="one InfoNCE temperature for both trainers (ours --temperature, the peer's MNRL scale 1/T); "
+                        "default: each trainer's own (ours 0.02, the peer's scale 20 = 0.05); written to "
+                        "bench/results/ablation-t<T>, not to README.md (bench/lr_choice.py --temperatures)")
     p.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
     return p.parse_args(argv)
 
@@ -104,6 +108,8 @@ def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: d
            "--max-steps", str(steps), "--lr", str(b.lr), "--max-length", str(b.max_length), "--seed", str(b.seed),
            "--output-dir", str(run_dir), "--log-steps", str(max(1, steps // 10)), "--save-steps", "100000",
            "--merge-weight", "1"]  # rows b-e are the recipe as trained; row f is the merge
+    if b.temperature is not None:
+        cmd += ["--temperature", str(b.temperature)]
     log = out / "logs" / f"{row}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -155,7 +161,8 @@ def train_sentence_transformers(row: str, out: Path, data_dir: Path, base: str, 
         batch_sampler=BatchSamplers.NO_DUPLICATES, multi_dataset_batch_sampler=MultiDatasetBatchSamplers.ROUND_ROBIN,
         prompts=prompts, save_strategy="no", report_to="none", logging_steps=max(1, b.steps // 5),
         dataloader_drop_last=True)
-    losses = {"retrieval": MultipleNegativesRankingLoss(model), "sts": CoSENTLoss(model)}
+    mnrl = {} if b.temperature is None else {"scale": 1 / b.temperature}  # its default scale: 20
+    losses = {"retrieval": MultipleNegativesRankingLoss(model, **mnrl), "sts": CoSENTLoss(model)}
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=losses)
     trainer.train()
     if trainer.state.global_step != 2 * b.steps:  # e.g. no-duplicates batches could not be formed from the data
@@ -227,6 +234,12 @@ def tune_summary(f: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 
+def variant_suffix(seed: int | None, lr: float | None, temperature: float | None) -> str:
+    """The output folder's suffix for a run off the main table's settings (bench/lr_choice.py reads the same)."""
+    return ((f"-seed{seed}" if seed is not None else "") + (f"-lr{lr:g}" if lr is not None else "")
+            + (f"-t{temperature:g}" if temperature is not None else ""))
+
+
 def training_env() -> dict:
     """Our rows' environment: offline, one thread per rank (2 ranks on 2 cores), the repo importable."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -240,7 +253,9 @@ def main(argv=None) -> dict:
         budget = replace(budget, seed=args.seed)
     if args.lr is not None:
         budget = replace(budget, lr=args.lr)
-    variant = (f"-seed{args.seed}" if args.seed is not None else "") + (f"-lr{args.lr:g}" if args.lr is not None else "")
+    if args.temperature is not None:
+        budget = replace(budget, temperature=args.temperature)
+    variant = variant_suffix(args.seed, args.lr, args.temperature)
     name = ("ablation-quick" if args.quick else "ablation") + variant
     out = Path(args.out or ROOT / "bench/results" / name).resolve()  # our rows run with the repo as cwd
     rows = [r.strip() for r in args.rows.split(",")]
@@ -278,13 +293,16 @@ def main(argv=None) -> dict:
     text = table(results, labels, machine)
     plot(results, out / "ablation.png")
     seen = {r: results[r]["examples"] for r in rows if r != "base"}
-    command = "python bench/ablation.py" + (" --quick" if args.quick else "") + (
-        f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {args.lr:g}" if args.lr is not None else "")
+    flags = [" --quick" * args.quick] + [f" --{k} {v:g}" for k, v in
+                                          (("seed", args.seed), ("lr", args.lr), ("temperature", args.temperature))
+                                          if v is not None]
+    command = "python bench/ablation.py" + "".join(flags)
     report = (f"{text}\n\nCommand: `{command}` ({machine}). Examples seen per row (retrieval, sts): "
               + "; ".join(f"{r} {s.get('retrieval', 0)}+{s.get('sts', 0)}" for r, s in seen.items())
               + f". Budget: {budget.steps} CBB steps x ({budget.batch} retrieval + {budget.batch} sts), "
               f"{budget.negatives} hard negatives per query, training length {budget.max_length}, lr {budget.lr:g}, "
-              f"seed {budget.seed}. Data: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."
+              + (f"temperature {budget.temperature:g} (both trainers), " if budget.temperature is not None else "")
+              + f"seed {budget.seed}. Data: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."
               + (tune_summary(results["f"]) if "f" in results else ""))
     (out / "table.md").write_text(report + "\n")
     print(report)

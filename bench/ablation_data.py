@@ -23,6 +23,7 @@ class Budget:
     negatives: int = 1          # hard negatives per query
     max_length: int = 128       # training length (the release keeps the base's 512)
     lr: float = 2e-5
+    temperature: float | None = None  # InfoNCE's; None: each trainer's own (ours 0.02, the peer's MNRL scale 20 = 0.05)
     seed: int = 42
     retrieval_rows: int = 400   # queries trained on: 800 seen = 2 epochs, so mining gets its second visit
     cmrc_train: int = 0         # 0: every query not held out

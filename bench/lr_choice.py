@@ -1,18 +1,21 @@
-"""Each trainer's learning rate, chosen on the tune split; then, once, the dev scores of the choice.
+"""Each trainer's learning rate and temperature, chosen on the tune split; then, once, the dev scores of the choice.
 
-    python bench/ablation.py                         # every row at lr 2e-5 (the table in README.md)
-    python bench/ablation.py --lr 1e-5 --rows a,e,f  # the peer and the full recipe at lr 1e-5
-    python bench/lr_choice.py                        # the choice, and the dev table of every lr run
-    python bench/lr_choice.py --seed 7               # the same between `bench/ablation.py --seed 7 [--lr ..]` runs
+    python bench/ablation.py                                # every row at lr 2e-5 (the table in README.md)
+    python bench/ablation.py --lr 1e-5 --rows a,e,f         # the peer and the full recipe at lr 1e-5
+    python bench/ablation.py --temperature 0.01 --rows a,e,f  # both at InfoNCE temperature 0.01
+    python bench/lr_choice.py --temperatures default,0.01   # the choice, and the dev table of every run
+    python bench/lr_choice.py --seed 7                      # the same between `bench/ablation.py --seed 7 [..]` runs
 
-A learning rate fixed in advance favours whichever trainer it happens to suit, so each trainer gets
-the same chance: the sentence-transformers row (a) and the full recipe (f: CBB + mining, merged with
+A setting fixed in advance favours whichever trainer it happens to suit, so each trainer gets the
+same chance: the sentence-transformers row (a) and the full recipe (f: CBB + mining, merged with
 the base at the weight its own sweep picked on the tune split) are scored on the tune split at every
-lr that bench/ablation.py has run (2e-5 in bench/results/ablation, others in ablation-lr<LR>), and
-each trainer's lr is the one eval/merge_sweep.py's rule picks there: the best tune average with no
-task more than 1.0 below the base. The dev sets play no part in the choice; every lr's dev row is
-printed beside it, the chosen ones marked, and the comparison against issue #12's targets is made
-on the chosen pair.
+(lr, temperature) that bench/ablation.py has run (the main table's settings in bench/results/ablation,
+others in ablation-lr<LR>, ablation-t<T>, ablation-lr<LR>-t<T>), and each trainer's setting is the one
+eval/merge_sweep.py's rule picks there: the best tune average with no task more than 1.0 below the
+base. "default" is each trainer's own temperature (ours 0.02, the peer's MNRL scale 20, i.e. 0.05).
+A setting of the grid that has no run is named in the report, not chosen. The dev sets play no part in
+the choice; every run's dev row is printed beside it, the chosen ones marked, and the comparison
+against issue #12's targets is made on the chosen pair.
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ TRAINERS = {"a": "sentence-transformers trainer", "f": "ours, CBB + mining, merg
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--lrs", default="1e-05,2e-05", help="the learning rates to choose between (each must have been run)")
+    p.add_argument("--lrs", default="1e-05,2e-05", help="the learning rates to choose between")
+    p.add_argument("--temperatures", default="default",
+                   help="the temperatures to choose between; 'default': each trainer's own (ours 0.02, the peer's 0.05)")
     p.add_argument("--quick", action="store_true", help="choose between `bench/ablation.py --quick` runs")
     p.add_argument("--seed", type=int, default=None, help="choose between `bench/ablation.py --seed N` runs")
     p.add_argument("--results", default=str(ROOT / "bench/results"), help="where bench/ablation.py wrote its runs")
@@ -40,11 +45,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_dir(results: Path, lr: float, quick: bool, seed: int | None) -> Path:
-    """bench/ablation.py's output folder for this lr (its default lr writes the main table's)."""
+Setting = tuple[float, "float | None"]  # (lr, temperature); None: each trainer's own default
+
+
+def run_dir(results: Path, setting: Setting, quick: bool, seed: int | None) -> Path:
+    """bench/ablation.py's output folder for this setting (its default lr writes the main table's)."""
+    from bench.ablation import variant_suffix
+    lr, temperature = setting
     name, default = ("ablation-quick", QUICK.lr) if quick else ("ablation", Budget().lr)
-    name += f"-seed{seed}" if seed is not None else ""
-    return results / (name if lr == default else f"{name}-lr{lr:g}")
+    return results / (name + variant_suffix(seed, None if lr == default else lr, temperature))
+
+
+def temperature_of(row: str, temperature: float | None) -> float:
+    """The temperature the row's trainer used: the one given to both, or its own default."""
+    if temperature is not None:
+        return temperature
+    return 1 / 20 if row == "a" else 0.02  # MultipleNegativesRankingLoss's scale 20; train/args.py's --temperature
 
 
 def tune_scores(out: Path, row: str) -> tuple[dict[str, float], dict[str, float]]:
@@ -67,54 +83,82 @@ def tune_scores(out: Path, row: str) -> tuple[dict[str, float], dict[str, float]
     return json.loads(cached.read_text()), base
 
 
-def choose_lr(tune: dict[float, dict[str, float]], base: dict[str, float], max_drop: float) -> float:
-    """eval/merge_sweep.py's rule over learning rates (ties: the larger lr)."""
+def choose_setting(tune: dict[tuple[float, float], dict[str, float]], base: dict[str, float],
+                   max_drop: float) -> tuple[float, float]:
+    """eval/merge_sweep.py's rule over (lr, temperature) (ties: the larger lr, then the larger temperature)."""
     return choose_weight(tune, base, max_drop)
 
 
-def report(results: Path, lrs: list[float], max_drop: float, quick: bool = False,
-           seed: int | None = None) -> tuple[str, dict[str, float]]:
-    """The markdown table and verdict, and {trainer row: chosen lr}."""
-    outs = {lr: run_dir(results, lr, quick, seed) for lr in lrs}
-    missing = [str(o / "results" / f"{row}.json") for o in outs.values() for row in ("base", *TRAINERS)
-               if not (o / "results" / f"{row}.json").is_file()]
-    if missing:
-        raise SystemExit("run bench/ablation.py for each lr first; missing: " + ", ".join(missing))
-    dev = {lr: {row: json.loads((o / "results" / f"{row}.json").read_text()) for row in ("base", *TRAINERS)}
-           for lr, o in outs.items()}
-    bases = {dev[lr]["base"]["model"] for lr in lrs}
+def describe(setting: Setting) -> str:
+    lr, temperature = setting
+    return f"lr {lr:g}, " + ("each trainer's own temperature" if temperature is None else f"temperature {temperature:g}")
+
+
+def read_runs(results: Path, grid: list[Setting], quick: bool, seed: int | None) -> tuple[dict, list[Setting]]:
+    """{setting: (its folder, {row: result})} for the grid's settings that were run, and those that were not.
+    A folder that exists must hold every row: a half-finished run is an error, not a setting to skip."""
+    runs, not_run = {}, []
+    for setting in grid:
+        out = run_dir(results, setting, quick, seed)
+        if not out.is_dir():
+            not_run.append(setting)
+            continue
+        missing = [str(out / "results" / f"{row}.json") for row in ("base", *TRAINERS)
+                   if not (out / "results" / f"{row}.json").is_file()]
+        if missing:
+            raise SystemExit("finish this run with bench/ablation.py first; missing: " + ", ".join(missing))
+        runs[setting] = out, {row: json.loads((out / "results" / f"{row}.json").read_text()) for row in ("base", *TRAINERS)}
+    if not runs:
+        raise SystemExit(f"no bench/ablation.py run in {results} for any of {grid}")
+    bases = {dev["base"]["model"] for _, dev in runs.values()}
     if len(bases) > 1:
         raise SystemExit(f"the runs start from different base models ({sorted(bases)}): rerun with the same --model")
-    base_dev = dev[lrs[0]]["base"]["scores"]
+    return runs, not_run
+
+
+def report(results: Path, lrs: list[float], max_drop: float, quick: bool = False, seed: int | None = None,
+           temperatures: list[float | None] = (None,)) -> tuple[str, dict[str, tuple[float, float]]]:
+    """The markdown table and verdict, and {trainer row: chosen (lr, temperature)}."""
+    runs, not_run = read_runs(results, [(lr, t) for lr in lrs for t in temperatures], quick, seed)
+    base_dev = next(iter(runs.values()))[1]["base"]["scores"]
     tasks = list(base_dev)
-    lines = ["| trainer | lr | tune average | tune worst vs base | chosen | " + " | ".join(tasks)
-             + " | dev average | dev worst vs base | merge weight |", "|" + "---|" * (len(tasks) + 8),
-             "| base | — | | | | " + " | ".join(f"{100 * base_dev[t]:.2f}" for t in tasks)
+    lines = ["| trainer | lr | temperature | tune average | tune worst vs base | chosen | " + " | ".join(tasks)
+             + " | dev average | dev worst vs base | merge weight |", "|" + "---|" * (len(tasks) + 9),
+             "| base | — | — | | | | " + " | ".join(f"{100 * base_dev[t]:.2f}" for t in tasks)
              + f" | **{average(base_dev):.2f}** | — | |"]
-    chosen = {}
+    chosen, chosen_dev = {}, {}
     for row, name in TRAINERS.items():
-        tune = {}
-        for lr, o in outs.items():
-            tune[lr], tune_base = tune_scores(o, row)
-        chosen[row] = choose_lr(tune, tune_base, max_drop)
-        for lr in lrs:
-            r = dev[lr][row]
+        tune, dev = {}, {}
+        for (lr, t), (out, by_row) in runs.items():
+            key = (lr, temperature_of(row, t))
+            if key in tune:  # e.g. --temperatures default,0.02: the same run twice for ours
+                raise SystemExit(f"--temperatures: {describe((lr, t))} repeats another setting of row {row}")
+            tune[key], tune_base = tune_scores(out, row)
+            dev[key] = by_row[row]
+        chosen[row] = choose_setting(tune, tune_base, max_drop)
+        for key in sorted(tune):
+            r = dev[key]
             weight = f"{r['merge_weight']:g}" if "merge_weight" in r else "—"
-            lines.append(f"| {row}: {name} | {lr:g} | {average(tune[lr]):.2f} | {worst_drop(tune[lr], tune_base):+.2f} | "
-                         + ("**yes**" if lr == chosen[row] else "") + " | "
+            lines.append(f"| {row}: {name} | {key[0]:g} | {key[1]:g} | {average(tune[key]):.2f} | "
+                         f"{worst_drop(tune[key], tune_base):+.2f} | " + ("**yes**" if key == chosen[row] else "") + " | "
                          + " | ".join(f"{100 * r['scores'][t]:.2f}" for t in tasks)
                          + f" | **{average(r['scores']):.2f}** | {worst_drop(r['scores'], base_dev):+.2f} | {weight} |")
-    a, f = (dev[chosen[row]][row]["scores"] for row in ("a", "f"))
-    verdict = (f"Chosen on the tune split: the peer at lr {chosen['a']:g}, ours at lr {chosen['f']:g}. On dev, ours "
-               f"minus the peer: {average(f) - average(a):+.2f} points (target +1.5); ours' worst task against the "
-               f"base: {worst_drop(f, base_dev):+.2f} (target -1.0).")
+        chosen_dev[row] = dev[chosen[row]]["scores"]
+    (a_setting, a), (f_setting, f) = ((chosen[row], chosen_dev[row]) for row in ("a", "f"))
+    verdict = (f"Chosen on the tune split: the peer at lr {a_setting[0]:g}, temperature {a_setting[1]:g}; ours at lr "
+               f"{f_setting[0]:g}, temperature {f_setting[1]:g}. On dev, ours minus the peer: "
+               f"{average(f) - average(a):+.2f} points (target +1.5); ours' worst task against the base: "
+               f"{worst_drop(f, base_dev):+.2f} (target -1.0).")
+    if not_run:
+        verdict += " Not run, so not chosen from: " + "; ".join(describe(s) for s in not_run) + "."
     return "\n".join(lines) + "\n\n" + verdict, chosen
 
 
-def main(argv=None) -> dict[str, float]:
+def main(argv=None) -> dict[str, tuple[float, float]]:
     args = parse_args(argv)
     lrs = sorted(float(x) for x in args.lrs.split(","))
-    text, chosen = report(Path(args.results), lrs, args.max_drop, args.quick, args.seed)
+    temperatures = [None if x.strip() == "default" else float(x) for x in args.temperatures.split(",")]
+    text, chosen = report(Path(args.results), lrs, args.max_drop, args.quick, args.seed, temperatures)
     name = "lr_choice" + (f"-seed{args.seed}" if args.seed is not None else "") + ".md"
     (Path(args.results) / name).write_text(text + "\n")
     print(text)

@@ -63,20 +63,27 @@ def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
     probe_q = {r["text"] for r in read(tmp_path / "probe/queries.jsonl")}
     assert n == len(probe_q) > len(tune_q) and tune_q <= probe_q and not probe_q & (dev_q | train_q)
 
-    # bench/lr_choice.py: each trainer's lr chosen on the tune split, between this run and one at another lr
-    other = tmp_path / "ablation-quick-lr0.0003"
-    run_ablation("--lr", "3e-4", "--rows", "a,e,f", "--out", str(other), "--model", str(out / "tiny-base"))
+    # bench/lr_choice.py: each trainer's (lr, temperature) chosen on the tune split, between this run and one at
+    # another lr and temperature; the grid's two other settings were not run and are named, not chosen
+    other = tmp_path / "ablation-quick-lr0.0003-t0.04"
+    run_ablation("--lr", "3e-4", "--temperature", "0.04", "--rows", "a,e,f", "--out", str(other),
+                 "--model", str(out / "tiny-base"))
+    # both trainers got the temperature: the peer's MNRL at scale 1 / 0.04 (its default: 20), ours' model card
+    assert '"scale": 25.0' in (other / "runs/a/final/README.md").read_text()
+    assert "| temperature | 0.04 |" in (other / "runs/e/final/README.md").read_text()
     from bench.lr_choice import main as lr_choice
     from eval.merge_sweep import average, choose_weight
-    chosen = lr_choice(["--quick", "--lrs", "1e-4,3e-4", "--results", str(tmp_path)])
+    chosen = lr_choice(["--quick", "--lrs", "1e-4,3e-4", "--temperatures", "default,0.04", "--results", str(tmp_path)])
     tune_base = json.loads((out / "results/f.json").read_text())["tune"]["base"]
     text = (tmp_path / "lr_choice.md").read_text()
-    for row, label in (("a", "sentence-transformers trainer"), ("f", "ours, CBB + mining, merged")):
+    assert "Not run, so not chosen from: lr 0.0001, temperature 0.04; lr 0.0003, each trainer's own temperature" in text
+    for row, label, own in (("a", "sentence-transformers trainer", 0.05), ("f", "ours, CBB + mining, merged", 0.02)):
         tune = {}  # what the choice must follow: tune scores (the peer's scored once and kept), never dev ones
-        for lr, run in ((1e-4, out), (3e-4, other)):
+        for setting, run in (((1e-4, own), out), ((3e-4, 0.04), other)):
             f = json.loads((run / "results/f.json").read_text())
-            tune[lr] = (json.loads((run / "tune/a.json").read_text()) if row == "a"
-                        else f["tune"]["weights"][str(f["merge_weight"])])
+            tune[setting] = (json.loads((run / "tune/a.json").read_text()) if row == "a"
+                             else f["tune"]["weights"][str(f["merge_weight"])])
         assert chosen[row] == choose_weight(tune, tune_base, 1.0), row
         [line] = [x for x in text.splitlines() if x.startswith(f"| {row}: {label}") and "**yes**" in x]
-        assert line.split(" | ")[1:3] == [f"{chosen[row]:g}", f"{average(tune[chosen[row]]):.2f}"], line
+        assert line.split(" | ")[1:4] == [f"{chosen[row][0]:g}", f"{chosen[row][1]:g}",
+                                          f"{average(tune[chosen[row]]):.2f}"], line

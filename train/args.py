@@ -37,7 +37,9 @@ def add_training_args(g) -> None:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup-ratio", type=float, default=0.05)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="fills gradient_clipping: auto")
-    g.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature")
+    g.add_argument("--temperature", type=float, default=0.02,
+                   help="InfoNCE temperature (default 0.02, BGE's and the paper's); a base trained at another may "
+                        "prefer its own (e5: 0.01; README's ablation)")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPUs that have it")
     g.add_argument("--mini-batch", type=int, default=0,
                    help="GradCache: encode in mini-batches of this many texts and take the loss on the whole "
