@@ -132,6 +132,20 @@ def mining_summary(run_dir: Path, steps: int) -> dict:
             "per_quarter": [sum(1 for s in at if q * steps / 4 < s <= (q + 1) * steps / 4) for q in range(4)]}
 
 
+def own_temperature(row: str) -> float:
+    """A trainer's default InfoNCE temperature, read from the trainer: the peer's MultipleNegativesRankingLoss
+    scale (1 / temperature), ours train/args.py's --temperature."""
+    if row == "a":
+        import inspect
+
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+        return 1 / inspect.signature(MultipleNegativesRankingLoss.__init__).parameters["scale"].default
+    from train.args import add_training_args
+    parser = argparse.ArgumentParser()
+    add_training_args(parser)
+    return parser.get_default("temperature")
+
+
 def train_sentence_transformers(row: str, out: Path, data_dir: Path, base: str, b: Budget) -> dict:
     """The peer, as its docs set it up; same prompts, length, lr, warmup and weight decay as ours."""
     import torch

@@ -58,9 +58,8 @@ def run_dir(results: Path, setting: Setting, quick: bool, seed: int | None) -> P
 
 def temperature_of(row: str, temperature: float | None) -> float:
     """The temperature the row's trainer used: the one given to both, or its own default."""
-    if temperature is not None:
-        return temperature
-    return 1 / 20 if row == "a" else 0.02  # MultipleNegativesRankingLoss's scale 20; train/args.py's --temperature
+    from bench.ablation import own_temperature
+    return own_temperature(row) if temperature is None else temperature
 
 
 def tune_scores(out: Path, row: str) -> tuple[dict[str, float], dict[str, float]]:
