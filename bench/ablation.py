@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one InfoNCE temperature for both trainers (ours --temperature, the peer's MNRL scale 1/T); "
                         "default: each trainer's own (ours 0.02, the peer's scale 20 = 0.05); written to "
                         "bench/results/ablation-t<T>, not to README.md (bench/lr_choice.py --temperatures)")
+    p.add_argument("--keep-false-negatives", action="store_true",
+                   help="our rows count copies of a query's positive among its candidates as negatives (train/finetune.py "
+                        "--no-mask-false-negatives), as before the mask; written to bench/results/ablation[..]-keepfn")
     p.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
     return p.parse_args(argv)
 
@@ -110,6 +113,8 @@ def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: d
            "--merge-weight", "1"]  # rows b-e are the recipe as trained; row f is the merge
     if b.temperature is not None:
         cmd += ["--temperature", str(b.temperature)]
+    if not b.mask_false_negatives:
+        cmd += ["--no-mask-false-negatives"]
     log = out / "logs" / f"{row}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -117,10 +122,18 @@ def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: d
     if proc.returncode:
         raise SystemExit(f"row {row}: training failed ({proc.returncode}); see {log}")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 2.3 GB a row; the release is in final/
-    info = {"model": str(run_dir / "final"), "examples": examples_seen(b, schedule), "steps": steps}
+    info = {"model": str(run_dir / "final"), "examples": examples_seen(b, schedule), "steps": steps,
+            "false_negatives": false_negatives_left_out(log)}
     if mining:
         info["mining"] = mining_summary(run_dir, steps)
     return info
+
+
+def false_negatives_left_out(log: Path) -> int | None:
+    """The count train/finetune.py reports at the end of a run (None: the mask was off)."""
+    import re
+    found = re.findall(r"false negatives left out of InfoNCE \(.*\): (\d+)", log.read_text())
+    return int(found[-1]) if found else None
 
 
 def mining_summary(run_dir: Path, steps: int) -> dict:
@@ -235,6 +248,15 @@ def evaluate_row(info: dict, data_dir: Path, out: Path, row: str, b: Budget) -> 
             "max_seq_length": model.max_seq_length}
 
 
+def false_negative_summary(results: dict) -> str:
+    """How many candidates each of our rows left out of InfoNCE as copies of a query's positive."""
+    counts = {r: results[r].get("false_negatives") for r in "bcde" if r in results}
+    if not any(v is not None for v in counts.values()):
+        return ""
+    return (" Candidates left out of InfoNCE as copies of the query's positive (another query's copy of the same "
+            "passage, in its batch): " + ", ".join(f"{r} {v if v is not None else '-'}" for r, v in counts.items()) + ".")
+
+
 def tune_summary(f: dict) -> str:
     """Row f's choice on the tune split: each weight's average and worst drop there (not dev scores)."""
     from eval.merge_sweep import average, worst_drop
@@ -248,10 +270,10 @@ def tune_summary(f: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 
-def variant_suffix(seed: int | None, lr: float | None, temperature: float | None) -> str:
+def variant_suffix(seed: int | None, lr: float | None, temperature: float | None, keep_false_negatives: bool = False) -> str:
     """The output folder's suffix for a run off the main table's settings (bench/lr_choice.py reads the same)."""
     return ((f"-seed{seed}" if seed is not None else "") + (f"-lr{lr:g}" if lr is not None else "")
-            + (f"-t{temperature:g}" if temperature is not None else ""))
+            + (f"-t{temperature:g}" if temperature is not None else "") + ("-keepfn" if keep_false_negatives else ""))
 
 
 def training_env() -> dict:
@@ -269,7 +291,8 @@ def main(argv=None) -> dict:
         budget = replace(budget, lr=args.lr)
     if args.temperature is not None:
         budget = replace(budget, temperature=args.temperature)
-    variant = variant_suffix(args.seed, args.lr, args.temperature)
+    budget = replace(budget, mask_false_negatives=not args.keep_false_negatives)
+    variant = variant_suffix(args.seed, args.lr, args.temperature, args.keep_false_negatives)
     name = ("ablation-quick" if args.quick else "ablation") + variant
     out = Path(args.out or ROOT / "bench/results" / name).resolve()  # our rows run with the repo as cwd
     rows = [r.strip() for r in args.rows.split(",")]
@@ -309,14 +332,16 @@ def main(argv=None) -> dict:
     seen = {r: results[r]["examples"] for r in rows if r != "base"}
     flags = [" --quick" * args.quick] + [f" --{k} {v:g}" for k, v in
                                           (("seed", args.seed), ("lr", args.lr), ("temperature", args.temperature))
-                                          if v is not None]
+                                          if v is not None] + [" --keep-false-negatives" * args.keep_false_negatives]
     command = "python bench/ablation.py" + "".join(flags)
     report = (f"{text}\n\nCommand: `{command}` ({machine}). Examples seen per row (retrieval, sts): "
               + "; ".join(f"{r} {s.get('retrieval', 0)}+{s.get('sts', 0)}" for r, s in seen.items())
               + f". Budget: {budget.steps} CBB steps x ({budget.batch} retrieval + {budget.batch} sts), "
               f"{budget.negatives} hard negatives per query, training length {budget.max_length}, lr {budget.lr:g}, "
               + (f"temperature {budget.temperature:g} (both trainers), " if budget.temperature is not None else "")
+              + ("ours without the false-negative mask, " if not budget.mask_false_negatives else "")
               + f"seed {budget.seed}. Data: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."
+              + false_negative_summary(results)
               + (tune_summary(results["f"]) if "f" in results else ""))
     (out / "table.md").write_text(report + "\n")
     print(report)

@@ -25,6 +25,7 @@ class Budget:
     lr: float = 2e-5
     temperature: float | None = None  # InfoNCE's; None: each trainer's own (ours 0.02, the peer's MNRL scale 20 = 0.05)
     seed: int = 42
+    mask_false_negatives: bool = True  # ours leaves copies of a query's positive out of InfoNCE (the peer: no-duplicates batches)
     retrieval_rows: int = 400   # queries trained on: 800 seen = 2 epochs, so mining gets its second visit
     cmrc_train: int = 0         # 0: every query not held out
     cmrc_dev: int = 402

@@ -40,7 +40,8 @@ def embed(model, texts):
 
 
 def reference_objective(model, config_path: Path) -> torch.Tensor:
-    """sum_t w_t L_t written out directly: InfoNCE over [positives; every negative], CoSENT by its double sum."""
+    """sum_t w_t L_t written out directly: InfoNCE over [positives; every negative] less the copies of the
+    query's own positives, CoSENT by its double sum."""
     total = torch.zeros(())
     for task in load_data_config(config_path).tasks:
         batch = next(task_stream(task, ARGS.seed, 128, False).epoch(0))
@@ -48,7 +49,10 @@ def reference_objective(model, config_path: Path) -> torch.Tensor:
             q, p = embed(model, [ex.query for ex in batch]), embed(model, [ex.pos for ex in batch])
             negs = embed(model, [t for ex in batch for t in ex.neg])            # all num_negatives of every query
             scores = q @ torch.cat([p, negs]).T / ARGS.temperature
-            loss = -torch.stack([scores[i, i] - torch.logsumexp(scores[i], 0) for i in range(len(batch))]).mean()
+            texts = [ex.pos for ex in batch] + [t for ex in batch for t in ex.neg]
+            # a candidate that is one of the query's own positives (outside its column) is no negative of it
+            keep = [torch.tensor([j == i or t not in ex.positives for j, t in enumerate(texts)]) for i, ex in enumerate(batch)]
+            loss = -torch.stack([scores[i, i] - torch.logsumexp(scores[i][keep[i]], 0) for i in range(len(batch))]).mean()
         elif task.type == "sts":
             cos = (embed(model, [ex.sentence1 for ex in batch]) * embed(model, [ex.sentence2 for ex in batch])).sum(-1)
             terms = [ARGS.cosent_scale * (cos[b] - cos[a]) for a, ea in enumerate(batch) for b, eb in enumerate(batch)

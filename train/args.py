@@ -40,6 +40,10 @@ def add_training_args(g) -> None:
     g.add_argument("--temperature", type=float, default=0.02,
                    help="InfoNCE temperature (default 0.02, BGE's and the paper's); a base trained at another may "
                         "prefer its own (e5: 0.01; README's ablation)")
+    g.add_argument("--mask-false-negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave out of each query's InfoNCE denominator the candidates whose text is one of its "
+                        "positives (another query's copy of the same passage), as sentence-transformers' "
+                        "no-duplicates batches do; counted and reported")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPUs that have it")
     g.add_argument("--mini-batch", type=int, default=0,
                    help="GradCache: encode in mini-batches of this many texts and take the loss on the whole "

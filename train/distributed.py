@@ -69,6 +69,15 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return _AllGatherWithGrad.apply(x, group)
 
 
+def all_gather_ids(ids: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate an integer tensor (text ids) from every rank of `group` along dim 0; no gradient."""
+    if world_size(group) == 1:
+        return ids
+    parts = [torch.empty_like(ids) for _ in range(world_size(group))]
+    dist.all_gather(parts, ids.contiguous(), group=group)
+    return torch.cat(parts)
+
+
 def all_reduce_sum(value: float | int, device: torch.device | str = "cpu") -> float:
     """Sum of a Python number over ranks (for logging)."""
     if world_size() == 1:

@@ -22,6 +22,7 @@ from sentence_transformers import SentenceTransformer
 from train.args import ROOT, add_stream_args, base_parser, stream_options
 from train.checkpoint import resume
 from train.data import DataError
+from train.distributed import all_reduce_sum
 from train.encoding import allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.finetune_data import task_batches, task_stream
 from train.merge import merge_release
@@ -103,7 +104,8 @@ def open_model(args, config):
     def rebuild() -> SentenceTransformer:  # the untrained model with the same modules, for the export
         base = set_pooling(SentenceTransformer(source, device="cpu", local_files_only=local_only), args.pooling)
         return add_expansion_layer(base, added) if added else base
-    return model, name, rebuild, f"{what}; MRL dims {dims or 'off'}", LossSettings(args.temperature, args.cosent_scale, dims, weights)
+    return model, name, rebuild, f"{what}; MRL dims {dims or 'off'}", \
+        LossSettings(args.temperature, args.cosent_scale, dims, weights, args.mask_false_negatives)
 
 
 def update_miners(miners: dict, scores: dict, run: Run) -> None:
@@ -205,6 +207,7 @@ def main(argv=None) -> None:
             positions[name].update(p)
 
     # --- the loop: every task of this rank in the same number of forwards, CBB-scaled, one optimizer step
+    false_negatives = 0  # left out of InfoNCE in this process's steps (copies of a query's positive)
     while not run.done:
         now = tasks_this_step(tasks, rank, run.step, args.task_schedule, args.seed)
         step_batches = run.fetch(lambda: read_step(now), client_state, undo_read)
@@ -212,6 +215,7 @@ def main(argv=None) -> None:
             result = step_loss(step_batches, now, encode, groups, rank, world, loss_settings, miners)
         if not run.optimize(result.total, result.sources, backward=cache.backward if cache else None):
             continue
+        false_negatives += result.false_negatives
         for t in now:  # each task rank holds 1/|R_t| of the task's mean
             run.record(t.name, result.losses[t.name], weight=1.0 / len(t.assigned))
         run.record(now[0].name, result.total.new_zeros(()), weight=0.0, tokens=result.tokens)
@@ -222,6 +226,7 @@ def main(argv=None) -> None:
 
     for reader in batches.values():
         close_prefetch(reader)
+    false_negatives = all_reduce_sum(false_negatives, engine.device)
 
     # --- the release folder
     first = tasks[0]
@@ -231,6 +236,9 @@ def main(argv=None) -> None:
                        probe_texts=["如何训练中文向量模型？", "导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=first.query_prompt, rebuild=rebuild, prompts=prompts)
     if run.is_main:
+        if args.mask_false_negatives:
+            print(f"false negatives left out of InfoNCE (a query's positive among its candidates again): "
+                  f"{false_negatives:.0f}")
         write_release_extras(run, final, streams, miners, tasks, base_name, loss_settings.dims, args)
         if args.merge_weight < 1:
             merge_with_base(final, base_name, args.merge_weight)

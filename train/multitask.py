@@ -20,6 +20,7 @@ from .losses import cbb
 from .losses.matryoshka import matryoshka
 from .mining import HardNegativeMiner
 from .tasks import Task
+from .text_ids import retrieval_ids
 
 
 @dataclass
@@ -28,6 +29,7 @@ class LossSettings:
     cosent_scale: float = 20.0
     dims: list[int] | None = None         # Matryoshka dims (None: the full width only)
     weights: list[float] | None = None
+    mask_false_negatives: bool = True     # leave copies of a query's positive out of its InfoNCE denominator
 
 
 @dataclass
@@ -37,6 +39,7 @@ class StepResult:
     scores: dict[str, dict] = field(default_factory=dict)           # mined tasks: {id: (score, pool size)}
     tokens: int = 0
     sources: list[str] = field(default_factory=list)
+    false_negatives: int = 0                                # candidates left out as copies of a query's positive
 
 
 def task_groups(tasks: list[Task]) -> dict:
@@ -79,38 +82,55 @@ def mining_scores(miner: HardNegativeMiner, examples: list, scores: torch.Tensor
 
 
 def task_loss(task: Task, global_batch: list, embeddings: list[torch.Tensor], group, loss: LossSettings,
-              miner: HardNegativeMiner | None = None) -> tuple[torch.Tensor, dict]:
+              miner: HardNegativeMiner | None = None, texts: list[TextGroup] | None = None
+              ) -> tuple[torch.Tensor, dict, int]:
     """This rank's share of one task's loss (before CBB scaling) from the embeddings of task_texts,
-    and for mined retrieval tasks the scores of each example's negatives (mining_scores)."""
+    for mined retrieval tasks the scores of each example's negatives (mining_scores), and the number
+    of false negatives left out (counted on the task's first rank where its ranks share queries)."""
     dims, weights = loss.dims, loss.weights
+    device = embeddings[0].device
+    ids = lambda examples: retrieval_ids(examples, texts[1][0], texts[2][0] if len(texts) > 2 else (), device) \
+        if loss.mask_false_negatives and texts else None  # noqa: E731
     if task.type == "retrieval" and task.split_queries:  # InfoNCE over every rank's positives and negatives
         q, p, neg = embeddings
+        batch = rank_slice(global_batch, task.assigned.index(dist.get_rank()), len(task.assigned))
         candidates, labels = cbb.gathered_candidates(q, p, neg, group)
-        value = matryoshka(cbb.pairs_infonce, [q, candidates], dims, weights, labels=labels, temperature=loss.temperature)
+        exclude = cbb.false_negatives(ids(batch), labels, group)
+        value = matryoshka(cbb.pairs_infonce, [q, candidates], dims, weights, labels=labels,
+                           temperature=loss.temperature, exclude=exclude)
         scores = {}
         if miner:
             own = cbb.own_negative_scores(q.detach(), neg.detach(), task.num_negatives, 1)
-            batch = rank_slice(global_batch, task.assigned.index(dist.get_rank()), len(task.assigned))
             scores = mining_scores(miner, batch, own)
-        return value, scores
+        return value, scores, count(exclude)
     if task.type == "retrieval":
         q, p, neg = embeddings
         neg_all = cbb.gather_negatives(neg, group)
-        value = matryoshka(cbb.retrieval_cbb, [q, p, neg_all], dims, weights, temperature=loss.temperature)
+        labels = torch.arange(q.shape[0], device=device)
+        exclude = cbb.false_negatives(ids(global_batch), labels, group, gather_pos=False)
+        value = matryoshka(cbb.retrieval_cbb, [q, p, neg_all], dims, weights, temperature=loss.temperature,
+                           exclude=exclude)
         scores = {}
         if miner:  # the similarities the loss used, read back: no extra forward pass
             own = cbb.own_negative_scores(q.detach(), neg_all.detach(), task.negatives_per_rank, len(task.assigned))
             scores = mining_scores(miner, global_batch, own)
-        return value, scores
+        return value, scores, count(exclude) if dist.get_rank() == task.assigned[0] else 0
     if task.type == "sts":  # gathered, so CoSENT orders all of the task's pairs, as one process would
         e1, e2 = (cbb.all_gather_with_grad(e, group) for e in embeddings)
         gold = torch.tensor([ex.score for ex in global_batch], device=e1.device)
-        return matryoshka(cbb.sts_cosent, [e1, e2], dims, weights, gold=gold, scale=loss.cosent_scale), {}
+        return matryoshka(cbb.sts_cosent, [e1, e2], dims, weights, gold=gold, scale=loss.cosent_scale), {}, 0
     if task.type == "classification":
-        return matryoshka(cbb.classification, embeddings, dims, weights, temperature=loss.temperature), {}
+        return matryoshka(cbb.classification, embeddings, dims, weights, temperature=loss.temperature), {}, 0
     q, p = embeddings  # pairs: in-batch negatives over the task's ranks
+    batch = rank_slice(global_batch, task.assigned.index(dist.get_rank()), len(task.assigned))
     p_all, labels = cbb.gathered_candidates(q, p, None, group)
-    return matryoshka(cbb.pairs_infonce, [q, p_all], dims, weights, labels=labels, temperature=loss.temperature), {}
+    exclude = cbb.false_negatives(ids(batch), labels, group)
+    return matryoshka(cbb.pairs_infonce, [q, p_all], dims, weights, labels=labels, temperature=loss.temperature,
+                      exclude=exclude), {}, count(exclude)
+
+
+def count(exclude: torch.Tensor | None) -> int:
+    return 0 if exclude is None else int(exclude.sum())
 
 
 def step_loss(batches: dict[str, list], tasks: list[Task], encode: Callable, groups: dict, rank: int, world: int,
@@ -121,9 +141,10 @@ def step_loss(batches: dict[str, list], tasks: list[Task], encode: Callable, gro
     result = StepResult(total=torch.zeros((), device=embeddings[0].device), tokens=tokens)
     at = 0
     for task, texts in plans:
-        value, scores = task_loss(task, batches[task.name], embeddings[at:at + len(texts)], groups[task.name], loss,
-                                  miners.get(task.name))
+        value, scores, excluded = task_loss(task, batches[task.name], embeddings[at:at + len(texts)],
+                                            groups[task.name], loss, miners.get(task.name), texts)
         at += len(texts)
+        result.false_negatives += excluded
         result.total = result.total + cbb.task_scale(task.weight, world, len(task.assigned)) * value
         result.losses[task.name] = value
         result.scores[task.name] = scores

@@ -17,12 +17,14 @@ from sentence_transformers import SentenceTransformer
 from train.args import ROOT, add_stream_args, base_parser, stream_options
 from train.checkpoint import resume
 from train.data import DataError, PairStream, rank_slice
+from train.distributed import all_reduce_sum
 from train.encoding import Tokenized, allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.losses import InfoNCELoss
 from train.model import DEFAULT_MODEL, load_model, set_pooling
 from train.prefetch import close_prefetch, prefetched
 from train.rank_zero_data import shared_index, validate_data
 from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
+from train.text_ids import retrieval_ids
 
 DEMO_DATA = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
 
@@ -137,11 +139,14 @@ def main(argv=None) -> None:
                 break
             global_batch, tokenized = fetched
             probe_texts = probe_texts or [ex.query for ex in global_batch[:8]]  # for the export check
+            batch = rank_slice(global_batch, rank, world)
             with run.timed("forward", device_work=True):  # the forwards and the gathered loss
                 (q, p, *n), tokens = cache.encode(tokenized) if cache else \
                     encode_tokenized(engine, tokenized, engine.device, buckets)
-                loss = loss_fn(q, p, n[0] if n else None)
-            sources = [ex.source for ex in rank_slice(global_batch, rank, world)]
+                ids = retrieval_ids(batch, [ex.pos for ex in batch], [t for ex in batch for t in ex.neg], q.device) \
+                    if args.mask_false_negatives else None
+                loss = loss_fn(q, p, n[0] if n else None, ids)
+            sources = [ex.source for ex in batch]
             if not run.optimize(loss, sources, backward=cache.backward if cache else None):
                 continue
             run.record("infonce", loss, tokens=tokens)
@@ -155,8 +160,11 @@ def main(argv=None) -> None:
     final = run.export(client_state(), embed=embed,
                        probe_texts=probe_texts or ["导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=query_prompt, rebuild=rebuild, prompts=prompts)
+    masked = all_reduce_sum(loss_fn.excluded, engine.device)
     if run.is_main:
         report_data(stream)
+        if args.mask_false_negatives:
+            print(f"false negatives left out of InfoNCE (a query's positive among its candidates again): {masked:.0f}")
         print(f"done: {run.step} steps; model saved to {final}")
     run.close()
     end_run()

@@ -31,6 +31,7 @@ class Example:
     pool: list[str] = field(default_factory=list)  # ranked candidate negatives (dynamic mining)
     neg_scores: list[float] = field(default_factory=list)   # mining model's scores of `neg` (S0 of mining)
     pool_scores: list[float] = field(default_factory=list)  # ... and of `pool`
+    positives: list[str] = field(default_factory=list)  # every positive of the line (none is a negative of it)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def pair_maker(num_negatives: int, sample: bool = True) -> Callable[[str, random
         elif num_negatives > 0:
             order = [i % len(neg) for i in range(num_negatives)]
             picked, scores = [neg[i] for i in order], [r.neg_scores[i] for i in order] if r.neg_scores else []
-        return Example(r.query, rng.choice(r.pos), picked, source, r.pool, scores, r.pool_scores)
+        return Example(r.query, rng.choice(r.pos), picked, source, r.pool, scores, r.pool_scores, r.pos)
     return make
 
 

@@ -44,6 +44,7 @@ Embeddings are {{ width }}-dimensional and were trained to be cut to any of
 | steps | {{ steps }} on {{ world }} rank(s) |
 | learning rate | {{ lr }} |
 | temperature | {{ temperature }} |
+| false negatives | {{ "left out of InfoNCE (copies of a query's positive)" if mask_false_negatives else "kept as negatives" }} |
 | CoSENT scale | {{ cosent_scale }} |
 | training length | {{ max_length }} tokens per text (a compute choice) |
 | inference length | {{ release_length }} tokens (`max_seq_length` of this model) |
@@ -93,7 +94,7 @@ def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int]
         query_prompt=prompts.get("query", ""), passage_prompt=prompts.get("passage", ""),
         dims=dims, width=width, expanded=expanded, release_length=release_length, schedule=schedule_name(args), steps=steps,
         world=world, lr=args.get("lr"), temperature=args.get("temperature"),
-        cosent_scale=args.get("cosent_scale"), max_length=args.get("max_length"),
+        mask_false_negatives=args.get("mask_false_negatives", True), cosent_scale=args.get("cosent_scale"), max_length=args.get("max_length"),
         tasks=[dict(name=t.name, type=t.type, files=[Path(f).name for f in t.files], batch_size=t.batch_size,
                     num_negatives=t.num_negatives, weight=t.weight, ranks=len(t.assigned)) for t in tasks],
         eval_start=EVAL_START, eval_end=EVAL_END)

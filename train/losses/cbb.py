@@ -11,6 +11,8 @@ negatives of all N ranks (n * N per query, gathered with gradients):
 
     L_ret = -1/B sum_i log( exp(s(q_i, p_i)/tau) / (sum_j exp(s(q_i, p_j)/tau) + sum_{k <= n*N*B} exp(s(q_i, y_k)/tau)) )
 
+leaving out of each query's sums the candidates that are copies of its own positive (infonce.py).
+
 STS (CoSENT): the task's batch is split over its ranks; the embeddings are gathered so CoSENT ranks
 all the task's pairs against each other, as one process would.
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from ..distributed import all_gather_with_grad, rank
 from .cosent import cosent
-from .infonce import gathered_candidates, info_nce
+from .infonce import false_negatives, gathered_candidates, info_nce
 
 
 def task_scale(weight: float, world: int, task_ranks: int) -> float:
@@ -39,10 +41,12 @@ def task_scale(weight: float, world: int, task_ranks: int) -> float:
     return weight * world / task_ranks
 
 
-def retrieval_cbb(q: torch.Tensor, pos: torch.Tensor, neg_all: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE_CBB: q, pos [B, d] (the same on every rank of the task), neg_all [n*N*B, d] (gathered)."""
+def retrieval_cbb(q: torch.Tensor, pos: torch.Tensor, neg_all: torch.Tensor, temperature: float,
+                  exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE_CBB: q, pos [B, d] (the same on every rank of the task), neg_all [n*N*B, d] (gathered);
+    exclude [B, B + n*N*B]: false negatives (infonce.false_negatives with gather_pos=False)."""
     labels = torch.arange(q.shape[0], device=q.device)
-    return info_nce(q, torch.cat([pos, neg_all]), labels, temperature)
+    return info_nce(q, torch.cat([pos, neg_all]), labels, temperature, exclude)
 
 
 def gather_negatives(neg: torch.Tensor, group) -> torch.Tensor:
@@ -73,10 +77,11 @@ def classification(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, temper
     return F.cross_entropy(scores, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
-def pairs_infonce(q: torch.Tensor, pos_all: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE over candidates already gathered by `gathered_candidates`."""
-    return info_nce(q, pos_all, labels, temperature)
+def pairs_infonce(q: torch.Tensor, pos_all: torch.Tensor, labels: torch.Tensor, temperature: float,
+                  exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE over candidates already gathered by `gathered_candidates` (exclude: `false_negatives`)."""
+    return info_nce(q, pos_all, labels, temperature, exclude)
 
 
 __all__ = ["task_scale", "retrieval_cbb", "gather_negatives", "sts_cosent", "classification",
-           "pairs_infonce", "gathered_candidates", "all_gather_with_grad", "rank"]
+           "pairs_infonce", "gathered_candidates", "false_negatives", "all_gather_with_grad", "rank"]
