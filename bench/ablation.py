@@ -2,6 +2,7 @@
 
     python bench/ablation.py            # the full table on multilingual-e5-small (offline), into README.md
     python bench/ablation.py --quick    # a tiny model, a few steps, tiny dev sets: the wiring, in CI time
+    python bench/ablation.py --scale 4 --rows a,e,f   # 4x the examples per row (more steps, more queries)
 
 Rows, all from the same base, on the same training data, with the same examples seen and seed:
   base  the base model, untouched
@@ -22,6 +23,8 @@ Training data (../shared/data, split once with a fixed seed; nothing here is tun
              sets' own negatives, so every row trains on the same negatives. 400 queries are drawn,
              those with no candidate left after the false-negative filter are left out (counted in
              the report), so 800 seen is 2+ epochs and dynamic mining gets its second visit.
+             --scale K adds (K - 1) x 400 queries (what the draw left out, then further retrieval-zh
+             and SNLI rows, by a seed of their own) and trains K x the steps: the same scored sets.
   sts        STS-B-zh train (5,231 pairs, less the 500 of the tune split) + 5,000 AFQMC train pairs
 Dev sets (no row trains on them), scored by eval/cmteb.py (mteb):
   STS-B-zh validation (Spearman), a held-out AFQMC split (2,000 pairs, Spearman), the 402 held-out
@@ -80,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one InfoNCE temperature for both trainers (ours --temperature, the peer's MNRL scale 1/T); "
                         "default: each trainer's own (ours 0.02, the peer's scale 20 = 0.05); written to "
                         "bench/results/ablation-t<T>, not to README.md (bench/lr_choice.py --temperatures)")
+    p.add_argument("--scale", type=int, default=1,
+                   help="K times the examples per row: K x the steps and K x the retrieval queries (the new ones from "
+                        "what the draw left out and further retrieval-zh / SNLI rows), the same dev and tune sets; "
+                        "written to bench/results/ablation[..]-x<K>")
     p.add_argument("--keep-false-negatives", action="store_true",
                    help="our rows count copies of a query's positive among its candidates as negatives (train/finetune.py "
                         "--no-mask-false-negatives), as before the mask; written to bench/results/ablation[..]-keepfn")
@@ -270,10 +277,12 @@ def tune_summary(f: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 
-def variant_suffix(seed: int | None, lr: float | None, temperature: float | None, keep_false_negatives: bool = False) -> str:
+def variant_suffix(seed: int | None, lr: float | None, temperature: float | None, keep_false_negatives: bool = False,
+                   scale: int = 1) -> str:
     """The output folder's suffix for a run off the main table's settings (bench/lr_choice.py reads the same)."""
     return ((f"-seed{seed}" if seed is not None else "") + (f"-lr{lr:g}" if lr is not None else "")
-            + (f"-t{temperature:g}" if temperature is not None else "") + ("-keepfn" if keep_false_negatives else ""))
+            + (f"-t{temperature:g}" if temperature is not None else "") + ("-keepfn" if keep_false_negatives else "")
+            + (f"-x{scale}" if scale != 1 else ""))
 
 
 def training_env() -> dict:
@@ -292,7 +301,10 @@ def main(argv=None) -> dict:
     if args.temperature is not None:
         budget = replace(budget, temperature=args.temperature)
     budget = replace(budget, mask_false_negatives=not args.keep_false_negatives)
-    variant = variant_suffix(args.seed, args.lr, args.temperature, args.keep_false_negatives)
+    if args.scale < 1:
+        raise SystemExit(f"--scale must be a positive integer, got {args.scale}")
+    budget = replace(budget, steps=budget.steps * args.scale, extra_retrieval=(args.scale - 1) * budget.retrieval_rows)
+    variant = variant_suffix(args.seed, args.lr, args.temperature, args.keep_false_negatives, args.scale)
     name = ("ablation-quick" if args.quick else "ablation") + variant
     out = Path(args.out or ROOT / "bench/results" / name).resolve()  # our rows run with the repo as cwd
     rows = [r.strip() for r in args.rows.split(",")]
@@ -333,6 +345,7 @@ def main(argv=None) -> dict:
     flags = [" --quick" * args.quick] + [f" --{k} {v:g}" for k, v in
                                           (("seed", args.seed), ("lr", args.lr), ("temperature", args.temperature))
                                           if v is not None] + [" --keep-false-negatives" * args.keep_false_negatives]
+    flags += [f" --scale {args.scale}"] if args.scale != 1 else []
     command = "python bench/ablation.py" + "".join(flags)
     report = (f"{text}\n\nCommand: `{command}` ({machine}). Examples seen per row (retrieval, sts): "
               + "; ".join(f"{r} {s.get('retrieval', 0)}+{s.get('sts', 0)}" for r, s in seen.items())

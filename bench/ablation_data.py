@@ -27,6 +27,7 @@ class Budget:
     seed: int = 42
     mask_false_negatives: bool = True  # ours leaves copies of a query's positive out of InfoNCE (the peer: no-duplicates batches)
     retrieval_rows: int = 400   # queries trained on: 800 seen = 2 epochs, so mining gets its second visit
+    extra_retrieval: int = 0    # --scale: more queries, from what the draw left out and further retrieval-zh / SNLI rows
     cmrc_train: int = 0         # 0: every query not held out
     cmrc_dev: int = 402
     retrieval_zh: int = 100
@@ -110,14 +111,22 @@ def split_data(data_dir: Path, b: Budget) -> dict:
         write_beir(data_dir / split / "cmrc", corpus, split_q, {q["_id"]: qrels[q["_id"]] for q in split_q})
     retrieval = [{"query": q["text"], "pos": [text_of[d] for d in qrels[q["_id"]]]} for q in train_q]
     extra_negatives = [d["text"] for d in corpus]
+    unused = []  # rows of the sources left out of the draw: where --scale takes more queries from
     for name, n in (("retrieval-zh/train.jsonl", b.retrieval_zh), ("nli-zh/snli_zh_triplets.jsonl", b.snli)):
         rows = read_jsonl(SHARED / name)
         rng.shuffle(rows)
         for row in rows[:n]:  # negatives go to the mining corpus: every row trains on the same mined ones
             retrieval.append({"query": row["query"], "pos": row["pos"]})
             extra_negatives += row.get("neg", [])
+        unused += rows[n:]
     rng.shuffle(retrieval)
+    unused = (retrieval[b.retrieval_rows:] if b.retrieval_rows else []) + [{"query": r["query"], "pos": r["pos"], "neg": r.get("neg", [])} for r in unused]
     retrieval = take(retrieval, b.retrieval_rows)  # a random slice of every source
+    if b.extra_retrieval:  # drawn by an RNG of their own: the split below (dev and tune sets) stays the same
+        random.Random(1).shuffle(unused)
+        for row in unused[:b.extra_retrieval]:
+            retrieval.append({"query": row["query"], "pos": row["pos"]})
+            extra_negatives += row.pop("neg", None) or []
     write_jsonl(data_dir / "train/retrieval_raw.jsonl", retrieval)
     write_jsonl(data_dir / "train/mining_corpus.jsonl", [{"text": t} for t in dict.fromkeys(extra_negatives)])
     # STS: STS-B train + an AFQMC train slice; another AFQMC slice is the dev set

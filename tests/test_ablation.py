@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import RANK_ENV, ROOT
 
@@ -37,6 +38,7 @@ def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
     assert all(results[row]["width"] > 32 for row in "b c d e f".split())
     assert results["c"]["scores_base_width"] != results["c"]["scores"]
     assert "mining" in results["d"] and "mining" in results["e"] and "mining" not in results["b"]
+    assert all(isinstance(results[row]["false_negatives"], int) for row in "bcde")  # read from each run's report
     table = (out / "table.md").read_text()
     assert all(f"| {row}: " in table for row in "base a b c d e f".split())
     assert (out / "ablation.png").stat().st_size > 1000
@@ -87,3 +89,23 @@ def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
         [line] = [x for x in text.splitlines() if x.startswith(f"| {row}: {label}") and "**yes**" in x]
         assert line.split(" | ")[1:4] == [f"{chosen[row][0]:g}", f"{chosen[row][1]:g}",
                                           f"{average(tune[chosen[row]]):.2f}"], line
+
+
+def test_scale_adds_training_queries_and_keeps_every_scored_set(tmp_path):
+    """bench/ablation.py --scale K: the 1x draw plus (K - 1) x as many new queries; the dev and tune sets,
+    the STS training pairs and the 1x queries are the same files, and no scored query is trained on."""
+    from dataclasses import replace
+
+    from bench.ablation_data import Budget, split_data
+    one, four = tmp_path / "x1", tmp_path / "x4"
+    assert split_data(one, Budget())["retrieval"] == 400
+    assert split_data(four, replace(Budget(), extra_retrieval=1200))["retrieval"] == 1600
+    scored = [p.relative_to(one) for split in ("dev", "tune") for p in sorted((one / split).rglob("*.*"))]
+    assert len(scored) == 16
+    for path in scored + [Path("train/sts.jsonl")]:
+        assert (one / path).read_bytes() == (four / path).read_bytes(), path
+    lines = [(d / "train/retrieval_raw.jsonl").read_text(encoding="utf-8").splitlines() for d in (one, four)]
+    assert lines[1][:400] == lines[0] and len(set(lines[1])) == 1600
+    queries = {json.loads(line)["text"] for p in scored if p.name == "queries.jsonl"
+               for line in (one / p).read_text(encoding="utf-8").splitlines()}
+    assert not queries & {json.loads(line)["query"] for line in lines[1]}

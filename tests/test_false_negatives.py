@@ -7,12 +7,13 @@ import random
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import ROOT, SHARED
+from tests.conftest import ROOT, SHARED, deepspeed_launch
 from train.losses import InfoNCELoss
 from train.losses.cbb import false_negatives, retrieval_cbb
 from train.records import pair_maker
@@ -21,9 +22,9 @@ from train.text_ids import retrieval_ids, text_ids
 TEMPERATURE = 0.05
 
 
-def cmrc_lines() -> tuple[list[str], list[str]]:
-    """JSONL lines of CMRC-trial queries: two on the same paragraph, then four on four other paragraphs,
-    each with a hard negative that is none of their own paragraphs; and the paragraphs of the first two."""
+def cmrc_by_paragraph(count: int) -> tuple[dict, dict, dict, list[str]]:
+    """CMRC trial's paragraph texts, query texts, {paragraph: its non-empty queries}, and the first
+    `count` paragraphs (by id) that two or more queries ask about."""
     cmrc = SHARED / "cmrc2018-trial"
     text = {d["_id"]: d["text"] for d in map(json.loads, open(cmrc / "corpus.jsonl", encoding="utf-8"))}
     query = {q["_id"]: q["text"] for q in map(json.loads, open(cmrc / "queries.jsonl", encoding="utf-8"))}
@@ -32,7 +33,13 @@ def cmrc_lines() -> tuple[list[str], list[str]]:
         qid, doc, _ = line.split("\t")
         if query[qid].strip():
             by_doc[doc].append(qid)
-    docs = sorted(d for d, qs in by_doc.items() if len(qs) >= 2)[:6]
+    return text, query, by_doc, sorted(d for d, qs in by_doc.items() if len(qs) >= 2)[:count]
+
+
+def cmrc_lines() -> tuple[list[str], list[str]]:
+    """JSONL lines of CMRC-trial queries: two on the same paragraph, then four on four other paragraphs,
+    each with a hard negative that is none of their own paragraphs; and the paragraphs of the first two."""
+    text, query, by_doc, docs = cmrc_by_paragraph(6)
     chosen = [(by_doc[docs[0]][0], docs[0]), (by_doc[docs[0]][1], docs[0])] + [(by_doc[d][0], d) for d in docs[1:5]]
     lines = [json.dumps({"query": query[q], "pos": [text[d]], "neg": [text[docs[5]]]}, ensure_ascii=False)
              for q, d in chosen]
@@ -118,18 +125,10 @@ def test_text_ids_do_not_depend_on_the_process_hash_seed():
     assert len(set(json.loads(outs[0]))) == 3
 
 
-def paired_cmrc_task(folder, pairs: int = 4) -> "Path":
+def paired_cmrc_task(folder: Path, pairs: int = 4) -> Path:
     """A retrieval task of 2 x `pairs` CMRC queries, two on each paragraph, each with two hard
     negatives from paragraphs none of them has: every query has one false negative in a full batch."""
-    cmrc = SHARED / "cmrc2018-trial"
-    text = {d["_id"]: d["text"] for d in map(json.loads, open(cmrc / "corpus.jsonl", encoding="utf-8"))}
-    query = {q["_id"]: q["text"] for q in map(json.loads, open(cmrc / "queries.jsonl", encoding="utf-8"))}
-    by_doc = defaultdict(list)
-    for line in open(cmrc / "qrels.tsv", encoding="utf-8").read().splitlines()[1:]:
-        qid, doc, _ = line.split("\t")
-        if query[qid].strip():
-            by_doc[doc].append(qid)
-    docs = sorted(d for d, qs in by_doc.items() if len(qs) >= 2)[:pairs + 2]
+    text, query, by_doc, docs = cmrc_by_paragraph(pairs + 2)
     negatives = [text[d] for d in docs[pairs:]]
     rows = [{"query": query[q], "pos": [text[d]], "neg": negatives} for d in docs[:pairs] for q in by_doc[d][:2]]
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,7 +145,6 @@ def test_finetune_leaves_out_and_reports_every_false_negative(tiny_model, tmp_pa
     """2 ranks, 2 steps of all 8 queries: CBB (both ranks hold every query, each half the negatives) and
     the random schedule (each rank its 4 queries, candidates gathered) both find 8 copies per step,
     on whichever rank the partner lives; --no-mask-false-negatives keeps them and says nothing."""
-    from tests.conftest import deepspeed_launch
     config = paired_cmrc_task(tmp_path / "data")
     common = ["--model", str(tiny_model), "--data-config", str(config), "--max-steps", "2", "--expand-dim", "0",
               "--mrl-dims", "none", "--max-length", "32", "--task-schedule", schedule, "--merge-weight", "1"]
