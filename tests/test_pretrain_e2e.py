@@ -22,6 +22,22 @@ def with_negatives(tmp_path: Path, n: int = 40) -> Path:
     return path
 
 
+def false_negatives_in_trace(trace: Path, data: str) -> int:
+    """Counted by hand from the examples each step trained on (--trace-examples, every rank): for each
+    query of a step, the step's positives and negatives (all ranks) other than its own that are its positive."""
+    rows = [json.loads(line) for line in open(data, encoding="utf-8")]
+    steps: dict[int, list[dict]] = {}
+    for path in sorted(trace.glob("rank*.tsv")):
+        for line in path.read_text().splitlines():
+            step, source = line.split("\t")
+            steps.setdefault(int(step), []).append(rows[int(source.rsplit(":", 1)[1]) - 1])
+    count = 0
+    for batch in steps.values():
+        candidates = [(i, r["pos"][0]) for i, r in enumerate(batch)] + [(None, n) for r in batch for n in r["neg"]]
+        count += sum(text == r["pos"][0] and own != i for i, r in enumerate(batch) for own, text in candidates)
+    return count
+
+
 @pytest.mark.parametrize("stage, negatives, mini_batch", [(2, 0, 0), (3, 1, 3)])
 def test_two_rank_pretrain_exports_what_the_engine_trained(tiny_model, tmp_path, stage, negatives, mini_batch):
     out = tmp_path / "run"
@@ -30,8 +46,12 @@ def test_two_rank_pretrain_exports_what_the_engine_trained(tiny_model, tmp_path,
                             "--output-dir", str(out), "--deepspeed-config", f"ds_configs/zero{stage}.json",
                             "--batch-size", "4", "--max-steps", "6", "--save-steps", "3", "--log-steps", "2",
                             "--num-negatives", str(negatives), "--lr", "1e-3", "--mini-batch", str(mini_batch),
-                            "--query-prompt", "query: ", "--passage-prompt", "passage: ")
+                            "--query-prompt", "query: ", "--passage-prompt", "passage: ", "--trace-examples")
     assert "export check: reloaded model matches the engine" in proc.stdout
+    if negatives:  # row i's negative is row i+1's positive: a false negative of query i+1 wherever both share a step
+        left_out = f"false negatives left out of InfoNCE (a query's positive among its candidates again): " \
+                   f"{false_negatives_in_trace(out / 'trace', data[0])}"
+        assert left_out in proc.stdout and not left_out.endswith(": 0")
 
     # the released folder loads with plain sentence-transformers and encodes as the engine did
     check = torch.load(out / "export_check.pt")

@@ -22,7 +22,6 @@ from sentence_transformers import SentenceTransformer
 from train.args import ROOT, add_stream_args, base_parser, stream_options
 from train.checkpoint import resume
 from train.data import DataError
-from train.distributed import all_reduce_sum
 from train.encoding import allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.finetune_data import task_batches, task_stream
 from train.merge import merge_release
@@ -226,7 +225,7 @@ def main(argv=None) -> None:
 
     for reader in batches.values():
         close_prefetch(reader)
-    false_negatives = all_reduce_sum(false_negatives, engine.device)
+    run.report_false_negatives(false_negatives)
 
     # --- the release folder
     first = tasks[0]
@@ -236,9 +235,6 @@ def main(argv=None) -> None:
                        probe_texts=["如何训练中文向量模型？", "导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=first.query_prompt, rebuild=rebuild, prompts=prompts)
     if run.is_main:
-        if args.mask_false_negatives:
-            print(f"false negatives left out of InfoNCE (a query's positive among its candidates again): "
-                  f"{false_negatives:.0f}")
         write_release_extras(run, final, streams, miners, tasks, base_name, loss_settings.dims, args)
         if args.merge_weight < 1:
             merge_with_base(final, base_name, args.merge_weight)

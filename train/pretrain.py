@@ -17,7 +17,6 @@ from sentence_transformers import SentenceTransformer
 from train.args import ROOT, add_stream_args, base_parser, stream_options
 from train.checkpoint import resume
 from train.data import DataError, PairStream, rank_slice
-from train.distributed import all_reduce_sum
 from train.encoding import Tokenized, allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.losses import InfoNCELoss
 from train.model import DEFAULT_MODEL, load_model, set_pooling
@@ -160,11 +159,9 @@ def main(argv=None) -> None:
     final = run.export(client_state(), embed=embed,
                        probe_texts=probe_texts or ["导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=query_prompt, rebuild=rebuild, prompts=prompts)
-    masked = all_reduce_sum(loss_fn.excluded, engine.device)
+    run.report_false_negatives(loss_fn.excluded)
     if run.is_main:
         report_data(stream)
-        if args.mask_false_negatives:
-            print(f"false negatives left out of InfoNCE (a query's positive among its candidates again): {masked:.0f}")
         print(f"done: {run.step} steps; model saved to {final}")
     run.close()
     end_run()

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from . import fault_injection
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import DataError
+from .distributed import all_reduce_sum
 from .ds_config import build_optimizer, load_ds_config, reduces_sparse_gradients
 from .export import check_export, export_sentence_transformer, fp32_weights
 from .model import densify_embedding_gradients
@@ -346,6 +347,13 @@ class Run:
                 **({"gather_share": round(gather_seconds() / max(seconds, 1e-9), 4)} if not self.on_gpu else {}),
                 **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if self.on_gpu else {}),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+    def report_false_negatives(self, left_out: int) -> None:
+        """Every rank calls it with its count: rank 0 prints the run's total of candidates left out of
+        InfoNCE as copies of a query's positive (--mask-false-negatives), so none is dropped unsaid."""
+        total = all_reduce_sum(left_out, self.engine.device)
+        if self.is_main and self.args.mask_false_negatives:
+            print(f"false negatives left out of InfoNCE (a query's positive among its candidates again): {total:.0f}")
 
     def close(self) -> None:
         if self.writer:
