@@ -5,6 +5,7 @@
     python bench/ablation.py --temperature 0.01 --rows a,e,f  # both at InfoNCE temperature 0.01
     python bench/lr_choice.py --temperatures default,0.01   # the choice, and the dev table of every run
     python bench/lr_choice.py --seed 7                      # the same between `bench/ablation.py --seed 7 [..]` runs
+    python bench/lr_choice.py --scale 4 --temperatures default,0.01   # ... between `bench/ablation.py --scale 4 [..]` runs
 
 A setting fixed in advance favours whichever trainer it happens to suit, so each trainer gets the
 same chance: the sentence-transformers row (a) and the full recipe (f: CBB + mining, merged with
@@ -40,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the temperatures to choose between; 'default': each trainer's own (ours 0.02, the peer's 0.05)")
     p.add_argument("--quick", action="store_true", help="choose between `bench/ablation.py --quick` runs")
     p.add_argument("--seed", type=int, default=None, help="choose between `bench/ablation.py --seed N` runs")
+    p.add_argument("--scale", type=int, default=1, help="choose between `bench/ablation.py --scale K` runs")
     p.add_argument("--results", default=str(ROOT / "bench/results"), help="where bench/ablation.py wrote its runs")
     p.add_argument("--max-drop", type=float, default=Budget().max_drop, help="points a tune task may lose against the base")
     return p.parse_args(argv)
@@ -48,12 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 Setting = tuple[float, "float | None"]  # (lr, temperature); None: each trainer's own default
 
 
-def run_dir(results: Path, setting: Setting, quick: bool, seed: int | None) -> Path:
+def run_dir(results: Path, setting: Setting, quick: bool, seed: int | None, scale: int = 1) -> Path:
     """bench/ablation.py's output folder for this setting (its default lr writes the main table's)."""
     from bench.ablation import variant_suffix
     lr, temperature = setting
     name, default = ("ablation-quick", QUICK.lr) if quick else ("ablation", Budget().lr)
-    return results / (name + variant_suffix(seed, None if lr == default else lr, temperature))
+    return results / (name + variant_suffix(seed, None if lr == default else lr, temperature, scale=scale))
 
 
 def temperature_of(row: str, temperature: float | None) -> float:
@@ -93,12 +95,13 @@ def describe(setting: Setting) -> str:
     return f"lr {lr:g}, " + ("each trainer's own temperature" if temperature is None else f"temperature {temperature:g}")
 
 
-def read_runs(results: Path, grid: list[Setting], quick: bool, seed: int | None) -> tuple[dict, list[Setting]]:
+def read_runs(results: Path, grid: list[Setting], quick: bool, seed: int | None,
+              scale: int = 1) -> tuple[dict, list[Setting]]:
     """{setting: (its folder, {row: result})} for the grid's settings that were run, and those that were not.
     A folder that exists must hold every row: a half-finished run is an error, not a setting to skip."""
     runs, not_run = {}, []
     for setting in grid:
-        out = run_dir(results, setting, quick, seed)
+        out = run_dir(results, setting, quick, seed, scale)
         if not out.is_dir():
             not_run.append(setting)
             continue
@@ -116,9 +119,9 @@ def read_runs(results: Path, grid: list[Setting], quick: bool, seed: int | None)
 
 
 def report(results: Path, lrs: list[float], max_drop: float, quick: bool = False, seed: int | None = None,
-           temperatures: list[float | None] = (None,)) -> tuple[str, dict[str, tuple[float, float]]]:
+           temperatures: list[float | None] = (None,), scale: int = 1) -> tuple[str, dict[str, tuple[float, float]]]:
     """The markdown table and verdict, and {trainer row: chosen (lr, temperature)}."""
-    runs, not_run = read_runs(results, [(lr, t) for lr in lrs for t in temperatures], quick, seed)
+    runs, not_run = read_runs(results, [(lr, t) for lr in lrs for t in temperatures], quick, seed, scale)
     base_dev = next(iter(runs.values()))[1]["base"]["scores"]
     tasks = list(base_dev)
     lines = ["| trainer | lr | temperature | tune average | tune worst vs base | chosen | " + " | ".join(tasks)
@@ -157,8 +160,9 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     args = parse_args(argv)
     lrs = sorted(float(x) for x in args.lrs.split(","))
     temperatures = [None if x.strip() == "default" else float(x) for x in args.temperatures.split(",")]
-    text, chosen = report(Path(args.results), lrs, args.max_drop, args.quick, args.seed, temperatures)
-    name = "lr_choice" + (f"-seed{args.seed}" if args.seed is not None else "") + ".md"
+    text, chosen = report(Path(args.results), lrs, args.max_drop, args.quick, args.seed, temperatures, args.scale)
+    name = "lr_choice" + (f"-seed{args.seed}" if args.seed is not None else "") \
+        + (f"-x{args.scale}" if args.scale != 1 else "") + ".md"
     (Path(args.results) / name).write_text(text + "\n")
     print(text)
     return chosen
