@@ -90,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-false-negatives", action="store_true",
                    help="our rows count copies of a query's positive among its candidates as negatives (train/finetune.py "
                         "--no-mask-false-negatives), as before the mask; written to bench/results/ablation[..]-keepfn")
+    p.add_argument("--no-matryoshka", action="store_true",
+                   help="our rows without the expansion layer and the Matryoshka prefixes (finetune.py --expand-dim 0 "
+                        "--mrl-dims none), the full width alone as the peer trains it; written to "
+                        "bench/results/ablation[..]-nomrl")
     p.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
     return p.parse_args(argv)
 
@@ -122,6 +126,8 @@ def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: d
         cmd += ["--temperature", str(b.temperature)]
     if not b.mask_false_negatives:
         cmd += ["--no-mask-false-negatives"]
+    if not b.matryoshka:
+        cmd += ["--expand-dim", "0", "--mrl-dims", "none"]
     log = out / "logs" / f"{row}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -277,12 +283,12 @@ def tune_summary(f: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 
-def variant_suffix(seed: int | None, lr: float | None, temperature: float | None, keep_false_negatives: bool = False,
-                   scale: int = 1) -> str:
+def variant_suffix(seed: int | None, lr: float | None, temperature: float | None, *, keep_false_negatives: bool = False,
+                   scale: int = 1, matryoshka: bool = True) -> str:
     """The output folder's suffix for a run off the main table's settings (bench/lr_choice.py reads the same)."""
     return ((f"-seed{seed}" if seed is not None else "") + (f"-lr{lr:g}" if lr is not None else "")
             + (f"-t{temperature:g}" if temperature is not None else "") + ("-keepfn" if keep_false_negatives else "")
-            + (f"-x{scale}" if scale != 1 else ""))
+            + ("-nomrl" if not matryoshka else "") + (f"-x{scale}" if scale != 1 else ""))
 
 
 def training_env() -> dict:
@@ -300,11 +306,12 @@ def main(argv=None) -> dict:
         budget = replace(budget, lr=args.lr)
     if args.temperature is not None:
         budget = replace(budget, temperature=args.temperature)
-    budget = replace(budget, mask_false_negatives=not args.keep_false_negatives)
+    budget = replace(budget, mask_false_negatives=not args.keep_false_negatives, matryoshka=not args.no_matryoshka)
     if args.scale < 1:
         raise SystemExit(f"--scale must be a positive integer, got {args.scale}")
     budget = replace(budget, steps=budget.steps * args.scale, extra_retrieval=(args.scale - 1) * budget.retrieval_rows)
-    variant = variant_suffix(args.seed, args.lr, args.temperature, args.keep_false_negatives, args.scale)
+    variant = variant_suffix(args.seed, args.lr, args.temperature, keep_false_negatives=args.keep_false_negatives,
+                             scale=args.scale, matryoshka=not args.no_matryoshka)
     name = ("ablation-quick" if args.quick else "ablation") + variant
     out = Path(args.out or ROOT / "bench/results" / name).resolve()  # our rows run with the repo as cwd
     rows = [r.strip() for r in args.rows.split(",")]
@@ -345,6 +352,7 @@ def main(argv=None) -> dict:
     flags = [" --quick" * args.quick] + [f" --{k} {v:g}" for k, v in
                                           (("seed", args.seed), ("lr", args.lr), ("temperature", args.temperature))
                                           if v is not None] + [" --keep-false-negatives" * args.keep_false_negatives]
+    flags += [" --no-matryoshka"] if args.no_matryoshka else []
     flags += [f" --scale {args.scale}"] if args.scale != 1 else []
     command = "python bench/ablation.py" + "".join(flags)
     report = (f"{text}\n\nCommand: `{command}` ({machine}). Examples seen per row (retrieval, sts): "
@@ -353,6 +361,7 @@ def main(argv=None) -> dict:
               f"{budget.negatives} hard negatives per query, training length {budget.max_length}, lr {budget.lr:g}, "
               + (f"temperature {budget.temperature:g} (both trainers), " if budget.temperature is not None else "")
               + ("ours without the false-negative mask, " if not budget.mask_false_negatives else "")
+              + ("ours without the expansion layer and Matryoshka, " if not budget.matryoshka else "")
               + f"seed {budget.seed}. Data: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."
               + false_negative_summary(results)
               + (tune_summary(results["f"]) if "f" in results else ""))

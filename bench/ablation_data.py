@@ -26,6 +26,7 @@ class Budget:
     temperature: float | None = None  # InfoNCE's; None: each trainer's own (ours 0.02, the peer's MNRL scale 20 = 0.05)
     seed: int = 42
     mask_false_negatives: bool = True  # ours leaves copies of a query's positive out of InfoNCE (the peer: no-duplicates batches)
+    matryoshka: bool = True     # ours adds the expansion layer and trains every Matryoshka prefix (finetune.py's defaults)
     retrieval_rows: int = 400   # queries trained on: 800 seen = 2 epochs, so mining gets its second visit
     extra_retrieval: int = 0    # --scale: more queries, from what the draw left out and further retrieval-zh / SNLI rows
     cmrc_train: int = 0         # 0: every query not held out

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="choose between `bench/ablation.py --quick` runs")
     p.add_argument("--seed", type=int, default=None, help="choose between `bench/ablation.py --seed N` runs")
     p.add_argument("--scale", type=int, default=1, help="choose between `bench/ablation.py --scale K` runs")
+    p.add_argument("--no-matryoshka", action="store_true",
+                   help="ours from `bench/ablation.py --no-matryoshka` runs (the peer from the same settings' runs)")
     p.add_argument("--results", default=str(ROOT / "bench/results"), help="where bench/ablation.py wrote its runs")
     p.add_argument("--max-drop", type=float, default=Budget().max_drop, help="points a tune task may lose against the base")
     return p.parse_args(argv)
@@ -50,12 +53,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 Setting = tuple[float, "float | None"]  # (lr, temperature); None: each trainer's own default
 
 
-def run_dir(results: Path, setting: Setting, quick: bool, seed: int | None, scale: int = 1) -> Path:
-    """bench/ablation.py's output folder for this setting (its default lr writes the main table's)."""
-    from bench.ablation import variant_suffix
-    lr, temperature = setting
-    name, default = ("ablation-quick", QUICK.lr) if quick else ("ablation", Budget().lr)
-    return results / (name + variant_suffix(seed, None if lr == default else lr, temperature, scale=scale))
+@dataclass
+class Runs:
+    """Which bench/ablation.py runs to choose between: their folder for each setting and trainer."""
+    results: Path
+    quick: bool = False
+    seed: int | None = None
+    scale: int = 1
+    matryoshka: bool = True   # False: ours from the --no-matryoshka runs (the peer from the same folder if it ran there)
+
+    def folder(self, setting: Setting, row: str) -> Path:
+        """bench/ablation.py's output folder for this setting and row (its default lr writes the main table's)."""
+        from bench.ablation import variant_suffix
+        lr, temperature = setting
+        name, default = ("ablation-quick", QUICK.lr) if self.quick else ("ablation", Budget().lr)
+        lr = None if lr == default else lr
+
+        def at(matryoshka: bool) -> Path:
+            return self.results / (name + variant_suffix(self.seed, lr, temperature, scale=self.scale,
+                                                         matryoshka=matryoshka))
+        if self.matryoshka or (row == "a" and not (at(False) / "results/a.json").is_file()):
+            return at(True)
+        return at(False)
 
 
 def temperature_of(row: str, temperature: float | None) -> float:
@@ -95,33 +114,33 @@ def describe(setting: Setting) -> str:
     return f"lr {lr:g}, " + ("each trainer's own temperature" if temperature is None else f"temperature {temperature:g}")
 
 
-def read_runs(results: Path, grid: list[Setting], quick: bool, seed: int | None,
-              scale: int = 1) -> tuple[dict, list[Setting]]:
-    """{setting: (its folder, {row: result})} for the grid's settings that were run, and those that were not.
-    A folder that exists must hold every row: a half-finished run is an error, not a setting to skip."""
-    runs, not_run = {}, []
+def read_runs(runs: Runs, grid: list[Setting]) -> tuple[dict, list[Setting]]:
+    """{setting: ({row: its folder}, {row: result})} for the grid's settings that were run, and those that were
+    not. A folder that exists must hold its rows: a half-finished run is an error, not a setting to skip."""
+    found, not_run = {}, []
     for setting in grid:
-        out = run_dir(results, setting, quick, seed, scale)
-        if not out.is_dir():
+        folders = {"base": runs.folder(setting, "a"), **{row: runs.folder(setting, row) for row in TRAINERS}}
+        if not any(f.is_dir() for f in folders.values()):
             not_run.append(setting)
             continue
-        missing = [str(out / "results" / f"{row}.json") for row in ("base", *TRAINERS)
-                   if not (out / "results" / f"{row}.json").is_file()]
+        missing = [str(f / "results" / f"{row}.json") for row, f in folders.items()
+                   if not (f / "results" / f"{row}.json").is_file()]
         if missing:
             raise SystemExit("finish this run with bench/ablation.py first; missing: " + ", ".join(missing))
-        runs[setting] = out, {row: json.loads((out / "results" / f"{row}.json").read_text()) for row in ("base", *TRAINERS)}
-    if not runs:
-        raise SystemExit(f"no bench/ablation.py run in {results} for any of {grid}")
-    bases = {dev["base"]["model"] for _, dev in runs.values()}
+        found[setting] = folders, {row: json.loads((f / "results" / f"{row}.json").read_text())
+                                   for row, f in folders.items()}
+    if not found:
+        raise SystemExit(f"no bench/ablation.py run in {runs.results} for any of {grid}")
+    bases = {dev["base"]["model"] for _, dev in found.values()}
     if len(bases) > 1:
         raise SystemExit(f"the runs start from different base models ({sorted(bases)}): rerun with the same --model")
-    return runs, not_run
+    return found, not_run
 
 
-def report(results: Path, lrs: list[float], max_drop: float, quick: bool = False, seed: int | None = None,
-           temperatures: list[float | None] = (None,), scale: int = 1) -> tuple[str, dict[str, tuple[float, float]]]:
+def report(where: Runs, lrs: list[float], max_drop: float,
+           temperatures: list[float | None] = (None,)) -> tuple[str, dict[str, tuple[float, float]]]:
     """The markdown table and verdict, and {trainer row: chosen (lr, temperature)}."""
-    runs, not_run = read_runs(results, [(lr, t) for lr in lrs for t in temperatures], quick, seed, scale)
+    runs, not_run = read_runs(where, [(lr, t) for lr in lrs for t in temperatures])
     base_dev = next(iter(runs.values()))[1]["base"]["scores"]
     tasks = list(base_dev)
     lines = ["| trainer | lr | temperature | tune average | tune worst vs base | chosen | " + " | ".join(tasks)
@@ -130,12 +149,13 @@ def report(results: Path, lrs: list[float], max_drop: float, quick: bool = False
              + f" | **{average(base_dev):.2f}** | — | |"]
     chosen, chosen_dev = {}, {}
     for row, name in TRAINERS.items():
+        name += ", without Matryoshka and the expansion layer" if row == "f" and not where.matryoshka else ""
         tune, dev = {}, {}
-        for (lr, t), (out, by_row) in runs.items():
+        for (lr, t), (folders, by_row) in runs.items():
             key = (lr, temperature_of(row, t))
             if key in tune:  # e.g. --temperatures default,0.02: the same run twice for ours
                 raise SystemExit(f"--temperatures: {describe((lr, t))} repeats another setting of row {row}")
-            tune[key], tune_base = tune_scores(out, row)
+            tune[key], tune_base = tune_scores(folders[row], row)
             dev[key] = by_row[row]
         chosen[row] = choose_setting(tune, tune_base, max_drop)
         for key in sorted(tune):
@@ -160,8 +180,9 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     args = parse_args(argv)
     lrs = sorted(float(x) for x in args.lrs.split(","))
     temperatures = [None if x.strip() == "default" else float(x) for x in args.temperatures.split(",")]
-    text, chosen = report(Path(args.results), lrs, args.max_drop, args.quick, args.seed, temperatures, args.scale)
-    name = "lr_choice" + (f"-seed{args.seed}" if args.seed is not None else "") \
+    runs = Runs(Path(args.results), args.quick, args.seed, args.scale, matryoshka=not args.no_matryoshka)
+    text, chosen = report(runs, lrs, args.max_drop, temperatures)
+    name = "lr_choice" + (f"-seed{args.seed}" if args.seed is not None else "") + ("-nomrl" if args.no_matryoshka else "") \
         + (f"-x{args.scale}" if args.scale != 1 else "") + ".md"
     (Path(args.results) / name).write_text(text + "\n")
     print(text)
