@@ -83,10 +83,10 @@ def temperature_of(row: str, temperature: float | None) -> float:
     return own_temperature(row) if temperature is None else temperature
 
 
-def tune_scores(out: Path, row: str) -> tuple[dict[str, float], dict[str, float]]:
-    """(the row's tune scores, the base's) for one ablation run. Row f's come from its merge sweep;
-    the peer's are scored here once and kept in OUT/tune/a.json."""
-    f = json.loads((out / "results/f.json").read_text())
+def tune_scores(out: Path, row: str, sweep: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(the row's tune scores, the base's) for one ablation run. Row f's come from its merge sweep (in the
+    run folder `sweep`, which also scored the base); the peer's are scored here once and kept in OUT/tune/a.json."""
+    f = json.loads((sweep / "results/f.json").read_text())
     base = f["tune"]["base"]
     if row == "f":
         return f["tune"]["weights"][str(f["merge_weight"])], base
@@ -155,7 +155,7 @@ def report(where: Runs, lrs: list[float], max_drop: float,
             key = (lr, temperature_of(row, t))
             if key in tune:  # e.g. --temperatures default,0.02: the same run twice for ours
                 raise SystemExit(f"--temperatures: {describe((lr, t))} repeats another setting of row {row}")
-            tune[key], tune_base = tune_scores(folders[row], row)
+            tune[key], tune_base = tune_scores(folders[row], row, folders["f"])
             dev[key] = by_row[row]
         chosen[row] = choose_setting(tune, tune_base, max_drop)
         for key in sorted(tune):
