@@ -17,6 +17,7 @@ from .data import rank_slice
 from .distributed import LOCAL
 from .encoding import TextGroup
 from .losses import cbb
+from .losses.infonce import TextIds
 from .losses.matryoshka import matryoshka
 from .mining import HardNegativeMiner
 from .tasks import Task
@@ -81,6 +82,14 @@ def mining_scores(miner: HardNegativeMiner, examples: list, scores: torch.Tensor
             for ex, s in zip(examples, scores.tolist())}
 
 
+def candidate_ids(examples: list, texts: list[TextGroup] | None, loss: LossSettings, device) -> TextIds | None:
+    """What finds a query's false negatives: the ids of each example's positives and of the positive and
+    negative texts this rank encoded for them (task_texts' groups 1 and 2); None with the mask off."""
+    if not (loss.mask_false_negatives and texts):
+        return None
+    return retrieval_ids(examples, texts[1][0], texts[2][0] if len(texts) > 2 else (), device)
+
+
 def task_loss(task: Task, global_batch: list, embeddings: list[torch.Tensor], group, loss: LossSettings,
               miner: HardNegativeMiner | None = None, texts: list[TextGroup] | None = None
               ) -> tuple[torch.Tensor, dict, int]:
@@ -89,13 +98,11 @@ def task_loss(task: Task, global_batch: list, embeddings: list[torch.Tensor], gr
     of false negatives left out (counted on the task's first rank where its ranks share queries)."""
     dims, weights = loss.dims, loss.weights
     device = embeddings[0].device
-    ids = lambda examples: retrieval_ids(examples, texts[1][0], texts[2][0] if len(texts) > 2 else (), device) \
-        if loss.mask_false_negatives and texts else None  # noqa: E731
     if task.type == "retrieval" and task.split_queries:  # InfoNCE over every rank's positives and negatives
         q, p, neg = embeddings
         batch = rank_slice(global_batch, task.assigned.index(dist.get_rank()), len(task.assigned))
         candidates, labels = cbb.gathered_candidates(q, p, neg, group)
-        exclude = cbb.false_negatives(ids(batch), labels, group)
+        exclude = cbb.false_negatives(candidate_ids(batch, texts, loss, device), labels, group)
         value = matryoshka(cbb.pairs_infonce, [q, candidates], dims, weights, labels=labels,
                            temperature=loss.temperature, exclude=exclude)
         scores = {}
@@ -107,7 +114,7 @@ def task_loss(task: Task, global_batch: list, embeddings: list[torch.Tensor], gr
         q, p, neg = embeddings
         neg_all = cbb.gather_negatives(neg, group)
         labels = torch.arange(q.shape[0], device=device)
-        exclude = cbb.false_negatives(ids(global_batch), labels, group, gather_pos=False)
+        exclude = cbb.false_negatives(candidate_ids(global_batch, texts, loss, device), labels, group, gather_pos=False)
         value = matryoshka(cbb.retrieval_cbb, [q, p, neg_all], dims, weights, temperature=loss.temperature,
                            exclude=exclude)
         scores = {}
@@ -124,7 +131,7 @@ def task_loss(task: Task, global_batch: list, embeddings: list[torch.Tensor], gr
     q, p = embeddings  # pairs: in-batch negatives over the task's ranks
     batch = rank_slice(global_batch, task.assigned.index(dist.get_rank()), len(task.assigned))
     p_all, labels = cbb.gathered_candidates(q, p, None, group)
-    exclude = cbb.false_negatives(ids(batch), labels, group)
+    exclude = cbb.false_negatives(candidate_ids(batch, texts, loss, device), labels, group)
     return matryoshka(cbb.pairs_infonce, [q, p_all], dims, weights, labels=labels, temperature=loss.temperature,
                       exclude=exclude), {}, count(exclude)
 
