@@ -114,34 +114,44 @@ def describe(setting: Setting) -> str:
     return f"lr {lr:g}, " + ("each trainer's own temperature" if temperature is None else f"temperature {temperature:g}")
 
 
-def read_runs(runs: Runs, grid: list[Setting]) -> tuple[dict, list[Setting]]:
-    """{setting: ({row: its folder}, {row: result})} for the grid's settings that were run, and those that were
-    not. A folder that exists must hold its rows: a half-finished run is an error, not a setting to skip."""
-    found, not_run = {}, []
+def read_runs(runs: Runs, grid: list[Setting]) -> tuple[dict, dict[str, list[Setting]]]:
+    """{setting: {row: (its folder, its result)}} for each trainer's runs of the grid (the base's under "base"), and
+    {trainer row: the settings it was not run at}. A row that has a run folder must have its result: a
+    half-finished run is an error, not a setting to skip."""
+    found, not_run = {}, {row: [] for row in TRAINERS}
     for setting in grid:
-        folders = {"base": runs.folder(setting, "a"), **{row: runs.folder(setting, row) for row in TRAINERS}}
-        if not any(f.is_dir() for f in folders.values()):
-            not_run.append(setting)
-            continue
-        missing = [str(f / "results" / f"{row}.json") for row, f in folders.items()
-                   if not (f / "results" / f"{row}.json").is_file()]
-        if missing:
-            raise SystemExit("finish this run with bench/ablation.py first; missing: " + ", ".join(missing))
-        found[setting] = folders, {row: json.loads((f / "results" / f"{row}.json").read_text())
-                                   for row, f in folders.items()}
+        for row in TRAINERS:
+            out = runs.folder(setting, row)
+            result = out / "results" / f"{row}.json"
+            if not result.is_file():
+                if (out / "runs" / row).is_dir():
+                    raise SystemExit(f"finish this run with bench/ablation.py first; missing: {result}")
+                not_run[row].append(setting)
+                continue
+            found.setdefault(setting, {})[row] = out, json.loads(result.read_text())
+            found[setting]["base"] = out, json.loads((out / "results" / "base.json").read_text())
     if not found:
         raise SystemExit(f"no bench/ablation.py run in {runs.results} for any of {grid}")
-    bases = {dev["base"]["model"] for _, dev in found.values()}
+    bases = {by_row["base"][1]["model"] for by_row in found.values()}
     if len(bases) > 1:
         raise SystemExit(f"the runs start from different base models ({sorted(bases)}): rerun with the same --model")
     return found, not_run
+
+
+def tune_base(runs: dict) -> Path:
+    """A run folder of row f: its merge sweep scored the base on the tune split, which every run shares."""
+    sweeps = [by_row["f"][0] for by_row in runs.values() if "f" in by_row]
+    if not sweeps:
+        raise SystemExit("no run of row f: its merge sweep is what scores the base on the tune split")
+    return sweeps[0]
 
 
 def report(where: Runs, lrs: list[float], max_drop: float,
            temperatures: list[float | None] = (None,)) -> tuple[str, dict[str, tuple[float, float]]]:
     """The markdown table and verdict, and {trainer row: chosen (lr, temperature)}."""
     runs, not_run = read_runs(where, [(lr, t) for lr in lrs for t in temperatures])
-    base_dev = next(iter(runs.values()))[1]["base"]["scores"]
+    base_dev = next(iter(runs.values()))["base"][1]["scores"]
+    sweep = tune_base(runs)
     tasks = list(base_dev)
     lines = ["| trainer | lr | temperature | tune average | tune worst vs base | chosen | " + " | ".join(tasks)
              + " | dev average | dev worst vs base | merge weight |", "|" + "---|" * (len(tasks) + 9),
@@ -151,18 +161,22 @@ def report(where: Runs, lrs: list[float], max_drop: float,
     for row, name in TRAINERS.items():
         name += ", without Matryoshka and the expansion layer" if row == "f" and not where.matryoshka else ""
         tune, dev = {}, {}
-        for (lr, t), (folders, by_row) in runs.items():
+        for (lr, t), by_row in runs.items():
+            if row not in by_row:
+                continue
             key = (lr, temperature_of(row, t))
             if key in tune:  # e.g. --temperatures default,0.02: the same run twice for ours
                 raise SystemExit(f"--temperatures: {describe((lr, t))} repeats another setting of row {row}")
-            tune[key], tune_base = tune_scores(folders[row], row, folders["f"])
-            dev[key] = by_row[row]
-        chosen[row] = choose_setting(tune, tune_base, max_drop)
+            out, dev[key] = by_row[row]
+            tune[key], base_tune = tune_scores(out, row, out if row == "f" else sweep)
+        if not tune:
+            raise SystemExit(f"row {row} was run at none of the grid's settings")
+        chosen[row] = choose_setting(tune, base_tune, max_drop)
         for key in sorted(tune):
             r = dev[key]
             weight = f"{r['merge_weight']:g}" if "merge_weight" in r else "—"
             lines.append(f"| {row}: {name} | {key[0]:g} | {key[1]:g} | {average(tune[key]):.2f} | "
-                         f"{worst_drop(tune[key], tune_base):+.2f} | " + ("**yes**" if key == chosen[row] else "") + " | "
+                         f"{worst_drop(tune[key], base_tune):+.2f} | " + ("**yes**" if key == chosen[row] else "") + " | "
                          + " | ".join(f"{100 * r['scores'][t]:.2f}" for t in tasks)
                          + f" | **{average(r['scores']):.2f}** | {worst_drop(r['scores'], base_dev):+.2f} | {weight} |")
         chosen_dev[row] = dev[chosen[row]]["scores"]
@@ -171,8 +185,12 @@ def report(where: Runs, lrs: list[float], max_drop: float,
                f"{f_setting[0]:g}, temperature {f_setting[1]:g}. On dev, ours minus the peer: "
                f"{average(f) - average(a):+.2f} points (target +1.5); ours' worst task against the base: "
                f"{worst_drop(f, base_dev):+.2f} (target -1.0).")
-    if not_run:
-        verdict += " Not run, so not chosen from: " + "; ".join(describe(s) for s in not_run) + "."
+    neither = [s for s in not_run["a"] if s in not_run["f"]]
+    if neither:
+        verdict += " Not run, so not chosen from: " + "; ".join(describe(s) for s in neither) + "."
+    for row, who in (("a", "the peer"), ("f", "ours")):
+        if alone := [s for s in not_run[row] if s not in neither]:
+            verdict += f" Not run for {who}, so not chosen from: " + "; ".join(describe(s) for s in alone) + "."
     return "\n".join(lines) + "\n\n" + verdict, chosen
 
 
