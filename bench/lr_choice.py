@@ -83,13 +83,12 @@ def temperature_of(row: str, temperature: float | None) -> float:
     return own_temperature(row) if temperature is None else temperature
 
 
-def tune_scores(out: Path, row: str, sweep: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """(the row's tune scores, the base's) for one ablation run. Row f's come from its merge sweep (in the
-    run folder `sweep`, which also scored the base); the peer's are scored here once and kept in OUT/tune/a.json."""
-    f = json.loads((sweep / "results/f.json").read_text())
-    base = f["tune"]["base"]
+def tune_scores(out: Path, row: str) -> dict[str, float]:
+    """The row's tune scores in one ablation run. Row f's come from its merge sweep; the peer's are scored
+    here once and kept in OUT/tune/a.json."""
     if row == "f":
-        return f["tune"]["weights"][str(f["merge_weight"])], base
+        f = json.loads((out / "results/f.json").read_text())
+        return f["tune"]["weights"][str(f["merge_weight"])]
     cached = out / "tune" / f"{row}.json"
     if not cached.is_file():
         from sentence_transformers import SentenceTransformer
@@ -100,7 +99,7 @@ def tune_scores(out: Path, row: str, sweep: Path) -> tuple[dict[str, float], dic
         scores = evaluate(model, dev_tasks(out / "data", "tune"), [None], Budget().eval_batch, f"lr-choice-{row}",
                           out / "tune" / row)[None]
         cached.write_text(json.dumps(scores, indent=1))
-    return json.loads(cached.read_text()), base
+    return json.loads(cached.read_text())
 
 
 def choose_setting(tune: dict[tuple[float, float], dict[str, float]], base: dict[str, float],
@@ -129,7 +128,7 @@ def read_runs(runs: Runs, grid: list[Setting]) -> tuple[dict, dict[str, list[Set
                 not_run[row].append(setting)
                 continue
             found.setdefault(setting, {})[row] = out, json.loads(result.read_text())
-            found[setting]["base"] = out, json.loads((out / "results" / "base.json").read_text())
+            found[setting].setdefault("base", (out, json.loads((out / "results" / "base.json").read_text())))
     if not found:
         raise SystemExit(f"no bench/ablation.py run in {runs.results} for any of {grid}")
     bases = {by_row["base"][1]["model"] for by_row in found.values()}
@@ -138,12 +137,12 @@ def read_runs(runs: Runs, grid: list[Setting]) -> tuple[dict, dict[str, list[Set
     return found, not_run
 
 
-def tune_base(runs: dict) -> Path:
-    """A run folder of row f: its merge sweep scored the base on the tune split, which every run shares."""
-    sweeps = [by_row["f"][0] for by_row in runs.values() if "f" in by_row]
+def base_tune_scores(runs: dict) -> dict[str, float]:
+    """The base's tune scores: every merge sweep of row f scored it on the same tune split (one read)."""
+    sweeps = [by_row["f"][1] for by_row in runs.values() if "f" in by_row]
     if not sweeps:
         raise SystemExit("no run of row f: its merge sweep is what scores the base on the tune split")
-    return sweeps[0]
+    return sweeps[0]["tune"]["base"]
 
 
 def report(where: Runs, lrs: list[float], max_drop: float,
@@ -151,7 +150,7 @@ def report(where: Runs, lrs: list[float], max_drop: float,
     """The markdown table and verdict, and {trainer row: chosen (lr, temperature)}."""
     runs, not_run = read_runs(where, [(lr, t) for lr in lrs for t in temperatures])
     base_dev = next(iter(runs.values()))["base"][1]["scores"]
-    sweep = tune_base(runs)
+    base_tune = base_tune_scores(runs)
     tasks = list(base_dev)
     lines = ["| trainer | lr | temperature | tune average | tune worst vs base | chosen | " + " | ".join(tasks)
              + " | dev average | dev worst vs base | merge weight |", "|" + "---|" * (len(tasks) + 9),
@@ -168,7 +167,7 @@ def report(where: Runs, lrs: list[float], max_drop: float,
             if key in tune:  # e.g. --temperatures default,0.02: the same run twice for ours
                 raise SystemExit(f"--temperatures: {describe((lr, t))} repeats another setting of row {row}")
             out, dev[key] = by_row[row]
-            tune[key], base_tune = tune_scores(out, row, out if row == "f" else sweep)
+            tune[key] = tune_scores(out, row)
         if not tune:
             raise SystemExit(f"row {row} was run at none of the grid's settings")
         chosen[row] = choose_setting(tune, base_tune, max_drop)
