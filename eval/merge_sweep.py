@@ -44,14 +44,13 @@ def sweep(model_dir: str | Path, base: str, tasks: list, weights: tuple[float, .
           batch_size: int, out: Path) -> dict:
     """Score the base and every merge on `tasks`; returns {"base": scores, "weights": {w: scores}, "weight": chosen}."""
     import torch
-    from sentence_transformers import SentenceTransformer
 
     from eval.cmteb import evaluate
     from train.merge import merge_weights
-    from train.model import resolve_model
+    from train.model import open_sentence_transformer, resolve_model
     source, local_only = resolve_model(base)
-    base_model = SentenceTransformer(source, device="cpu", local_files_only=local_only)
-    model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+    base_model = open_sentence_transformer(source, local_only)
+    model = open_sentence_transformer(str(model_dir), local_only=True)
     trained = {k: v.clone() for k, v in model[0].auto_model.state_dict().items()}
     base_scores = evaluate(base_model, tasks, [None], batch_size, "merge-sweep-base", out / "base")[None]
     by_weight: dict[float, dict[str, float]] = {}

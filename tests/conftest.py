@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,45 @@ def deepspeed_launch(script: str | Path, *args: str, num_gpus: int = 2, timeout:
 def tiny_model(tmp_path_factory) -> Path:
     from tests.tiny_model import make_tiny_model
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def can_simulate_nodes() -> bool:
+    """Two "nodes" on this machine need mount namespaces: root and util-linux's unshare."""
+    import shutil
+    return os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+def launch_nodes(script: str | Path, *args: str, nodes: int = 2, nproc: int = 1, mount: tuple[Path, list[Path]] | None = None,
+                 timeout: int = 600, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """A cluster on one machine: `nodes` torchrun agents (--nnodes, --node-rank) against one rendezvous on
+    localhost, `nproc` CPU ranks each. With `mount` = (path, [disk of node 0, disk of node 1, ...]) each node
+    runs in its own mount namespace with its own disk bound at `path`: the same path, a different disk per
+    node, as node-local NVMe is on a cluster. Returns each node's completed process."""
+    full_env = {**os.environ, **RANK_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
+    port = str(29500 + (os.getpid() + 500) % 1000)
+    procs = []
+    for node in range(nodes):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={nproc}",
+                    f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}", str(script), *args]
+        if mount:
+            path, disks = mount
+            Path(path).mkdir(parents=True, exist_ok=True)
+            Path(disks[node]).mkdir(parents=True, exist_ok=True)
+            inner = f'mount --bind "{disks[node]}" "{path}" && exec "$@"'
+            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", inner, "node", *torchrun]
+        else:
+            cmd = torchrun
+        files = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # not pipes: one node must not block the other
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=files[0], stderr=files[1], text=True), files))
+    results = []
+    for p, (out, err) in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            raise
+        out.seek(0)
+        err.seek(0)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read()))
+    return results

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -24,6 +25,10 @@ def add_model_args(g) -> None:
                    help="tokens per text in training (a compute choice: the release keeps the model's own length)")
     g.add_argument("--release-max-length", type=int, default=None,
                    help="max_seq_length of the released model (default: the base model's own)")
+    g.add_argument("--model-dtype", default="float32", choices=MODEL_DTYPES,
+                   help="dtype the weights are loaded in. float32: fp32 master weights whatever the checkpoint's "
+                        "own dtype (LLM backbones are saved in bf16; --precision bf16 still computes in bf16); "
+                        "bfloat16 halves the weights' memory and needs --precision bf16")
 
 
 def add_training_args(g) -> None:
@@ -58,6 +63,9 @@ def add_reliability_args(g) -> None:
                    help="check every line of the training data in parallel before the model loads "
                         "(data_prep/validate.py): a bad line stops the run at step 0, not hours in")
     g.add_argument("--save-steps", type=int, default=500)
+    g.add_argument("--checkpoint-storage", default="shared", choices=["shared", "node-local"],
+                   help="shared: OUTPUT_DIR is one filesystem on every node; node-local: each node has its own disk "
+                        "(each node's first rank writes what its node reads back; train/checkpoint.py)")
     g.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
     g.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep (0: all)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many NaN/Inf losses in a row")

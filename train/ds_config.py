@@ -12,11 +12,12 @@ def bf16_supported() -> bool:
 
 
 def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: float,
-                   precision: str = "auto") -> dict:
+                   precision: str = "auto", storage: str = "shared", mini_batch: int = 0) -> dict:
     """A ds_configs/*.json file with its "auto" values filled in; precision: auto | bf16 | fp32.
 
     DeepSpeed has no "auto" of its own (that is the HF Trainer's): batch sizes come from the flags
-    and the rank count, gradient_clipping from --max-grad-norm, bf16 from --precision.
+    and the rank count, gradient_clipping from --max-grad-norm, bf16 from --precision, node-local
+    checkpoints from --checkpoint-storage, fp32 gradient accumulation from --mini-batch (below).
     """
     try:
         cfg = json.loads(Path(path).read_text())
@@ -42,9 +43,26 @@ def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: fl
         cfg["bf16"] = {"enabled": use_bf16}
     if use_bf16:
         cfg.pop("fp16", None)  # DeepSpeed refuses a config with both enabled
+    if use_bf16 and mini_batch:
+        accumulate_in_fp32(cfg)
+    if storage == "node-local":
+        cfg.setdefault("checkpoint", {})["use_node_local_storage"] = True
     if offloads_optimizer(cfg) and not torch.cuda.is_available():
         cfg["zero_force_ds_cpu_optimizer"] = False  # on a CPU machine torch's AdamW may stand in (build_optimizer)
     return cfg
+
+
+def accumulate_in_fp32(cfg: dict) -> None:
+    """GradCache backpropagates a step in k mini-batches, which DeepSpeed sees as k micro-batches of
+    gradient accumulation. In bf16 the sum would be rounded k times (on CPU, relative to the fp32
+    gradient: 0.5% at k=16, 1% at k=64, against 0.17% for one backward), so it is kept in fp32
+    (DeepSpeed's grad_accum_dtype). DeepSpeed has fp32 accumulation under ZeRO 1-3 only (its
+    BF16_Optimizer at stage 1); plain data parallel in bf16 accumulates in bf16, so a zero0 config
+    runs at stage 1 here: the same update, the optimizer state partitioned over the ranks."""
+    zero = cfg.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) == 0:
+        zero["stage"] = 1
+    cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
 
 
 def reduces_sparse_gradients(cfg: dict) -> bool:

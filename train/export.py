@@ -14,22 +14,26 @@ import torch
 import torch.distributed as dist
 
 from . import fault_injection
+from .cluster import host_group
 
 FP32_TOLERANCE = 1e-4   # fp32 engine vs fp32 export: only summation order differs
 BF16_MARGIN = 4.0       # bf16 engine vs fp32 export: this many times bf16's own error on the probes
 
 
-def fp32_weights(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | None:
+def fp32_weights(engine, ckpt_dir: Path, tag: str, from_checkpoint: bool = True) -> dict[str, torch.Tensor] | None:
     """The trained weights in fp32 on rank 0 (None elsewhere), whatever the ZeRO stage and precision.
 
     First choice: DeepSpeed's zero_to_fp32 over the checkpoint just saved (rank 0 alone, no extra
-    memory on the other ranks). If that cannot run (e.g. a checkpoint layout it does not know), every
-    rank joins in gathering the fp32 master weights from the live engine instead.
+    memory on the other ranks). If that cannot run (e.g. a checkpoint layout it does not know), or
+    `from_checkpoint` is False (node-local disks: rank 0's holds only its own node's partitions),
+    every rank joins in gathering the fp32 master weights from the live engine instead.
     """
     if engine.zero_optimization_stage() == 0:  # no ZeRO checkpoint layout for zero_to_fp32 to read
         if engine.bfloat16_enabled():
             return engine_fp32_weights(engine)  # the optimizer's masters; no collective at stage 0
         return _module_weights(engine) if engine.global_rank == 0 else None
+    if not from_checkpoint:
+        return engine_fp32_weights(engine)
     weights, error = None, None
     if engine.global_rank == 0:
         try:
@@ -40,7 +44,7 @@ def fp32_weights(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor] | 
         except Exception as e:  # any failure of the reconstruction: fall back, say why
             error = f"{type(e).__name__}: {e}"
     verdict = [error]
-    dist.broadcast_object_list(verdict, src=0)
+    dist.broadcast_object_list(verdict, src=0, group=host_group())
     if verdict[0] is None:
         return weights
     if engine.global_rank == 0:
@@ -133,8 +137,8 @@ def check_export(final_dir: Path, texts: list[str], prompt: str, engine_emb: tor
     its fp32 master copy, so the tolerance is derived from this model: BF16_MARGIN times the change
     that bf16 arithmetic itself makes to these embeddings. Keeps the evidence in export_check.pt.
     """
-    from sentence_transformers import SentenceTransformer
-    exported = SentenceTransformer(str(final_dir), device="cpu", local_files_only=True)
+    from .model import open_sentence_transformer
+    exported = open_sentence_transformer(str(final_dir), local_only=True)  # fp32, as the masters it holds
     release_length = exported.max_seq_length
     exported.max_seq_length = train_max_length  # compare like with like; the release keeps its own length
     got = exported.encode(texts, prompt=prompt, convert_to_tensor=True, batch_size=len(texts)).cpu()

@@ -6,6 +6,8 @@ comma-separated list:
     kill@R:A          SIGKILL rank R at its A-th step attempt (a kill mid-run)
     nan@R:A           rank R's loss is NaN at its A-th step attempt
     no_zero_to_fp32   the fp32 reconstruction from the checkpoint fails (the export must fall back)
+    oom@R:B           rank R's prefetch thread raises MemoryError while preparing its B-th batch
+    exit@R:B          rank R's prefetch thread raises SystemExit (a BaseException) at its B-th batch
 """
 from __future__ import annotations
 
@@ -30,3 +32,12 @@ def at_step(attempt: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
     if fault("nan", rank, attempt):
         return loss * float("nan")
     return loss
+
+
+def in_prefetch(batch: int) -> None:
+    """Called by the prefetch thread before preparing its `batch`-th batch (1-based)."""
+    rank = int(os.environ.get("RANK", 0))
+    if fault("oom", rank, batch):
+        raise MemoryError("injected: out of memory while tokenizing")
+    if fault("exit", rank, batch):
+        raise SystemExit("injected: the prefetch thread exited")

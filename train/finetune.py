@@ -20,14 +20,15 @@ import torch.distributed as dist
 from sentence_transformers import SentenceTransformer
 
 from train.args import ROOT, add_stream_args, base_parser, stream_options
-from train.checkpoint import resume
+from train.checkpoint import Checkpoints
+from train.cluster import from_rank_zero, host_group
 from train.data import DataError
 from train.encoding import allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.finetune_data import task_batches, task_stream
 from train.merge import merge_release
 from train.mining import HardNegativeMiner, MiningRule, plot_history
 from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, load_model, matryoshka_dims,
-                         set_pooling, with_expansion)
+                         open_sentence_transformer, set_pooling, with_expansion)
 from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
 from train.prefetch import close_prefetch, prefetched
 from train.rank_zero_data import shared_index, validate_data
@@ -92,8 +93,12 @@ def open_tasks(args, world: int):
 
 def open_model(args, config):
     """The model (+ expansion layer), its Matryoshka dims, and each task's prompts (task > config > model)."""
-    name = args.model or (str(PRETRAINED) if (PRETRAINED / "modules.json").is_file() else DEFAULT_MODEL)
-    model, source, local_only = local_rank_zero_first(load_model, name, max_length=args.max_length, pooling=args.pooling)
+    # rank 0 decides the default (its own pre-training output, else the base model); every rank then
+    # loads that, and one that cannot (a node-local disk without it) stops them all
+    name = args.model or from_rank_zero(
+        lambda: str(PRETRAINED) if (PRETRAINED / "modules.json").is_file() else DEFAULT_MODEL)
+    model, source, local_only = local_rank_zero_first(load_model, name, max_length=args.max_length, pooling=args.pooling,
+                                                      dtype=args.model_dtype)
     model, added, what = with_expansion(allow_mixed_prompts(model), args.expand_dim, seed=args.seed)
     dims, weights = matryoshka_dims(args.mrl_dims, args.mrl_weights, model.get_embedding_dimension())
     for t in config.tasks:
@@ -101,7 +106,7 @@ def open_model(args, config):
         t.passage_prompt = next(p for p in (t.passage_prompt, config.passage_prompt, model.prompts.get("passage", "")) if p is not None)
 
     def rebuild() -> SentenceTransformer:  # the untrained model with the same modules, for the export
-        base = set_pooling(SentenceTransformer(source, device="cpu", local_files_only=local_only), args.pooling)
+        base = set_pooling(open_sentence_transformer(source, local_only), args.pooling)
         return add_expansion_layer(base, added) if added else base
     return model, name, rebuild, f"{what}; MRL dims {dims or 'off'}", \
         LossSettings(args.temperature, args.cosent_scale, dims, weights, args.mask_false_negatives)
@@ -110,13 +115,13 @@ def open_model(args, config):
 def update_miners(miners: dict, scores: dict, run: Run) -> None:
     """Every rank applies every rank's scores, so the mining state is the same everywhere."""
     shared = [None] * run.world
-    dist.all_gather_object(shared, scores)
+    dist.all_gather_object(shared, scores, group=host_group())
     for name, miner in miners.items():
         miner.record(run.step, {k: v for part in shared for k, v in part.get(name, {}).items()})
         if miner.due(run.step):
             c = miner.check(run.step)
             everyone = [None] * run.world
-            dist.all_gather_object(everyone, miner.fingerprint())
+            dist.all_gather_object(everyone, miner.fingerprint(), group=host_group())
             if len(set(everyone)) != 1:
                 raise RuntimeError(f"mining state of '{name}' differs between ranks at step {run.step}: {everyone}")
             run.log_scalar(f"mining/{name}/replaced", c.replaced)
@@ -129,7 +134,7 @@ def checkpoint_state(run: Run, positions: dict, miners: dict, tasks: list) -> di
     """What a resume needs besides DeepSpeed's own state. Only a task's ranks advance its data
     position, and rank 0 writes the client state, so each task's position comes from its first rank."""
     everyone = [None] * run.world
-    dist.all_gather_object(everyone, positions)
+    dist.all_gather_object(everyone, positions, group=host_group())
     merged = {t.name: dict(everyone[t.assigned[0]][t.name]) for t in tasks}
     return dict(step=run.step, positions=merged, mining={n: m.state_dict() for n, m in miners.items()})
 
@@ -173,13 +178,16 @@ def main(argv=None) -> None:
     engine, scheduler = build_engine(model, args, 1, world, total_steps)
 
     # --- resumed state: step, each task's data position, the mining state
-    client = resume(engine, Path(args.output_dir) / "checkpoints", args.resume)
+    checkpoints = Checkpoints(Path(args.output_dir), args.checkpoint_storage, args.keep,
+                              shape={"global_batch": {t.name: t.batch_size for t in tasks}})
+    client = checkpoints.resume(engine, args.resume, args.seed)
     positions = client["positions"] if client else {t.name: {"epoch": 0, "batch": 0} for t in tasks}
     miners = ({n: HardNegativeMiner.from_state_dict(m) for n, m in client.get("mining", {}).items()} if client else
               {t.name: HardNegativeMiner(t.num_negatives, MiningRule(**t.mining)) for t in tasks if t.mining})
     batches = {t.name: prefetched(partial(task_batches, streams[t.name]), positions[t.name], args.prefetch)
                for t in tasks if rank in t.assigned}  # a rank reads only its own tasks
-    run = Run(engine, scheduler, args, total_steps, metrics=[t.name for t in tasks], desc="finetune", client=client)
+    run = Run(engine, scheduler, args, total_steps, metrics=[t.name for t in tasks], desc="finetune",
+              checkpoints=checkpoints, client=client)
     run.say(f"fine-tuning {base_name} ({schedule_name(vars(args))}), {total_steps} steps on {world} ranks: "
             + "; ".join(f"{t.name} ({t.type}) x{t.batch_size} w={t.weight:g} on ranks {t.assigned}" for t in tasks)
             + f"; {shape}")

@@ -44,10 +44,10 @@ def merge_weights(finetuned: SentenceTransformer, base: SentenceTransformer, wei
 
 def merge_release(model_dir: str | Path, base: str, weight: float, output: str | Path) -> Path:
     """Write the merged release folder; the base is a local folder or hub id (offline e5 works)."""
-    from train.model import resolve_model
-    finetuned = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+    from train.model import open_sentence_transformer, resolve_model
+    finetuned = open_sentence_transformer(str(model_dir), local_only=True)  # both fp32: a bf16 base is upcast
     source, local_only = resolve_model(base)
-    base_model = SentenceTransformer(source, device="cpu", local_files_only=local_only)
+    base_model = open_sentence_transformer(source, local_only)
     averaged, kept = merge_weights(finetuned, base_model, weight)
     output = Path(output)
     finetuned.save(str(output))

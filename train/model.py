@@ -55,14 +55,25 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def open_sentence_transformer(source: str, local_only: bool, dtype: str = "float32",
+                              device: str = "cpu") -> SentenceTransformer:
+    """A SentenceTransformer with its weights in `dtype`. transformers 5 otherwise loads a checkpoint
+    in the dtype its config names: LLM backbones (Qwen, Llama, gte-Qwen2) are saved in bf16, and
+    AdamW's 1e-5-sized updates to bf16 weights round away; the release and its check would compare a
+    bf16 rebuild with fp32 masters. Training, export, check and merge all load through here."""
+    return SentenceTransformer(source, device=device, local_files_only=local_only,
+                               model_kwargs={"dtype": getattr(torch, dtype)})
+
+
 def load_model(name_or_path: str, device: str = "cpu", max_length: int | None = None,
-               pooling: str | None = None) -> tuple[SentenceTransformer, str, bool]:
+               pooling: str | None = None, dtype: str = "float32") -> tuple[SentenceTransformer, str, bool]:
     """(model, source, local_only): the SentenceTransformer to train and where it was loaded from.
 
-    A plain transformers checkpoint gets mean pooling, as sentence-transformers gives it.
+    A plain transformers checkpoint gets mean pooling, as sentence-transformers gives it. The
+    weights are loaded in `dtype` (--model-dtype; fp32 masters by default), whatever the saved one.
     """
     source, local_only = resolve_model(name_or_path)
-    model = SentenceTransformer(source, device=device, local_files_only=local_only)
+    model = open_sentence_transformer(source, local_only, dtype, device)
     set_pooling(model, pooling)
     if max_length:
         model.max_seq_length = max_length

@@ -12,6 +12,12 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
+from . import fault_injection
+
+
+class PrefetchError(RuntimeError):
+    """The prefetch thread stopped on a BaseException (SystemExit, KeyboardInterrupt, GeneratorExit)."""
+
 
 class Prefetch:
     """The batches of `batches(position)`, each passed through `prepare` (e.g. tokenization), made
@@ -45,12 +51,13 @@ class Prefetch:
     def _produce(self, batches: Callable, ahead: dict, prepare: Callable | None) -> None:
         stream = batches(ahead)
         try:
-            for batch in stream:
+            for count, batch in enumerate(stream, 1):
+                fault_injection.in_prefetch(count)
                 if not self._put((prepare(batch) if prepare else batch, dict(ahead), None)):
                     return
             self._put((self._END, dict(ahead), None))
-        except Exception as e:  # handed to the consumer, raised at the batch it belongs to
-            self._put((None, dict(ahead), e))
+        except BaseException as e:  # anything (a tokenizer error, MemoryError, SystemExit): handed to the
+            self._put((None, dict(ahead), e))  # consumer, raised at the batch it belongs to, never left waiting
         finally:
             getattr(stream, "close", lambda: None)()  # a generator closes its open shards
 
@@ -61,8 +68,10 @@ class Prefetch:
         batch, position, error = self.queue.get()
         self.position.clear()
         self.position.update(position)
-        if error is not None:
+        if isinstance(error, Exception):
             raise error
+        if error is not None:  # a BaseException in the thread becomes an error of this step's input
+            raise PrefetchError(f"{type(error).__name__} in the prefetch thread: {error}") from error
         if batch is self._END:
             raise StopIteration
         return batch

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sentence_transformers import SentenceTransformer
-
 from train.args import ROOT, add_stream_args, base_parser, stream_options
-from train.checkpoint import resume
+from train.checkpoint import Checkpoints
 from train.data import DataError, PairStream, rank_slice
 from train.encoding import Tokenized, allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.losses import InfoNCELoss
-from train.model import DEFAULT_MODEL, load_model, set_pooling
+from train.model import DEFAULT_MODEL, load_model, open_sentence_transformer, set_pooling
 from train.prefetch import close_prefetch, prefetched
 from train.rank_zero_data import shared_index, validate_data
 from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
@@ -92,16 +90,19 @@ def main(argv=None) -> None:
     # --- data and model: the first local rank builds any offline model copy, the others then load it
     stream, total_steps = open_stream(args, world)
     model, model_source, local_only = local_rank_zero_first(load_model, args.model, max_length=args.max_length,
-                                                            pooling=args.pooling)
+                                                            pooling=args.pooling, dtype=args.model_dtype)
     allow_mixed_prompts(model)
     query_prompt = args.query_prompt if args.query_prompt is not None else model.prompts.get("query", "")
     passage_prompt = args.passage_prompt if args.passage_prompt is not None else model.prompts.get("passage", "")
 
     # --- engine, resumed state
     engine, scheduler = build_engine(model, args, args.batch_size, world, total_steps)
-    client = resume(engine, Path(args.output_dir) / "checkpoints", args.resume)
+    checkpoints = Checkpoints(Path(args.output_dir), args.checkpoint_storage, args.keep,
+                              shape={"global_batch": args.batch_size * world})
+    client = checkpoints.resume(engine, args.resume, args.seed)
     position = saved_position(client)  # where in the data: epoch, and block and batch within it
-    run = Run(engine, scheduler, args, total_steps, metrics=["infonce"], desc="pretrain", client=client)
+    run = Run(engine, scheduler, args, total_steps, metrics=["infonce"], desc="pretrain", checkpoints=checkpoints,
+              client=client)
     loss_fn = InfoNCELoss(args.temperature)
     run.say(f"pre-training {model_source} on {stream.num_lines} lines from {len(stream.paths)} files, "
             f"{world} ranks x {args.batch_size} = {args.batch_size * world} per step, {total_steps} steps, "
@@ -154,8 +155,7 @@ def main(argv=None) -> None:
 
     # --- export: a final checkpoint, its fp32 weights, a sentence-transformers folder, checked
     prompts = {"query": query_prompt, "passage": passage_prompt, "document": passage_prompt}
-    rebuild = lambda: set_pooling(SentenceTransformer(model_source, device="cpu", local_files_only=local_only),  # noqa: E731
-                                  args.pooling)
+    rebuild = lambda: set_pooling(open_sentence_transformer(model_source, local_only), args.pooling)  # noqa: E731
     final = run.export(client_state(), embed=embed,
                        probe_texts=probe_texts or ["导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=query_prompt, rebuild=rebuild, prompts=prompts)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from . import data
+from .cluster import host_group
 from .data import DataError, Shard
 
 
@@ -25,7 +26,7 @@ def validate_data(files: list[tuple[Path, str, int]], skip_bad_lines: bool) -> N
     if dist.get_rank() == 0:
         report = validate(files)
         verdict[0] = (len(report.bad), report.summary())
-    dist.broadcast_object_list(verdict, src=0)
+    dist.broadcast_object_list(verdict, src=0, group=host_group())
     n_bad, summary = verdict[0]
     if n_bad and not skip_bad_lines:
         raise SystemExit(f"data error: --validate-data: {summary}\n(every bad line: python data_prep/validate.py "
@@ -56,7 +57,7 @@ def shared_index(cache_dir: Path) -> Callable:
                     cached.with_suffix(".tmp").rename(cached)
             except OSError as e:
                 box[0] = f"{path}: cannot index: {e}"
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=host_group())
         if isinstance(box[0], str):
             raise DataError(box[0])
         return [Shard(file, *row) for row in box[0]]

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import fault_injection
-from .checkpoint import latest_checkpoint, save_checkpoint
+from .cluster import agree, bind_device, host_barrier, host_group, local_rank, open_host_group, refuse_unreachable_gloo
+from .checkpoint import Checkpoints
 from .data import DataError
 from .distributed import all_reduce_sum
 from .ds_config import build_optimizer, load_ds_config, reduces_sparse_gradients
@@ -54,33 +55,43 @@ def seed_everything(seed: int) -> None:
 
 
 def start_run(seed: int, timeout_minutes: float = 30) -> tuple[int, int]:
-    """CPU threads, the process group (DeepSpeed picks nccl or gloo), seeds; returns (rank, world).
+    """CPU threads, this process's device, the process group (DeepSpeed picks nccl or gloo), the
+    host-side gloo group, seeds; returns (rank, world). train/cluster.py says why each is needed.
 
     The timeout bounds how long a collective waits for a rank that died (the launchers also stop
     every rank when one exits, on one node).
     """
     import deepspeed
     set_cpu_threads()
+    bind_device()  # before any collective: NCCL and every object collective use the current device
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+    refuse_unreachable_gloo()
+    open_host_group()
     seed_everything(seed)
     return dist.get_rank(), dist.get_world_size()
 
 
 def local_rank_zero_first(fn, *args, **kwargs):
-    """fn(...) on each node's local rank 0 first (it may build the offline model copy), then the rest."""
-    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if not first:
-        dist.barrier()
-    result = fn(*args, **kwargs)
-    if first:
-        dist.barrier()
-    return result
+    """fn(...) on each node's local rank 0 first (it may build the offline model copy), then the rest.
+    A failure on any rank (a model folder missing on one node) stops every rank with its message."""
+    def attempt() -> Callable[[], object]:
+        try:
+            value = fn(*args, **kwargs)
+            return lambda: value
+        except (Exception, SystemExit) as e:
+            def fail(error=e):
+                raise error
+            return fail
+    outcome = attempt() if local_rank() == 0 else None
+    host_barrier()
+    outcome = outcome or attempt()
+    return agree(outcome, "loading the model")
 
 
 def end_run() -> None:
     """Leave together and exit now: a ZeRO-3 run resumed from a checkpoint can otherwise abort in
     interpreter teardown and turn a finished run into a failed one."""
-    dist.barrier()
+    host_barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -108,7 +119,13 @@ def build_engine(model, args, micro_batch: int, world: int, total_steps: int):
     from transformers import get_linear_schedule_with_warmup
 
     from .model import parameter_groups
-    ds_config = load_ds_config(args.deepspeed_config, micro_batch, world, args.max_grad_norm, args.precision)
+    ds_config = load_ds_config(args.deepspeed_config, micro_batch, world, args.max_grad_norm, args.precision,
+                               args.checkpoint_storage, args.mini_batch)
+    bf16 = ds_config["bf16"]["enabled"]
+    if args.model_dtype != "float32" and not bf16:
+        raise SystemExit(f"--model-dtype {args.model_dtype} without --precision bf16: the optimizer would update "
+                         f"{args.model_dtype} weights directly and small updates round away; pass --precision bf16 "
+                         f"(fp32 master weights in the optimizer) or --model-dtype float32")
     use_sparse_embedding_gradients(model, ds_config)
     groups = parameter_groups(model, args.lr, getattr(args, "expansion_lr", None))
     optimizer = build_optimizer(groups, ds_config, args.lr, args.weight_decay)
@@ -122,13 +139,12 @@ class Run:
     """The state of a training run around the maths: step counter, bad-step guard, logs, checkpoints."""
 
     def __init__(self, engine, scheduler, args, total_steps: int, metrics: list[str], desc: str,
-                 client: dict | None = None):
-        self.engine, self.scheduler, self.args = engine, scheduler, args
+                 checkpoints: Checkpoints, client: dict | None = None):
+        self.engine, self.scheduler, self.args, self.checkpoints = engine, scheduler, args, checkpoints
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.on_gpu = torch.device(engine.device).type == "cuda"
         self.is_main = self.rank == 0
         self.out_dir = Path(args.output_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
         self.total_steps, self.metrics = total_steps, list(metrics)
         self.step = client["step"] if client else 0
         self.attempt = self.bad_in_a_row = self.skipped_steps = 0
@@ -146,7 +162,7 @@ class Run:
         self.bar = tqdm(total=total_steps, initial=self.step, disable=not self.is_main, desc=desc, dynamic_ncols=True)
         self.trace = self._open_trace() if args.trace_examples else None
         # control messages (a data error on some rank) go over gloo on the host: no device sync per step
-        self.control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        self.control = host_group()
         engine.train()
 
     @property
@@ -159,16 +175,19 @@ class Run:
 
     def fetch(self, read: Callable, client_state: Callable[[], dict], undo: Callable[[], None] | None = None):
         """`read()` this rank's data for the step, before any forward. A bad line met on any rank
-        (tasks held by one rank read data the others never see) stops every rank the same way:
-        `undo()` puts every rank's data position back to the last completed step, a checkpoint is
-        saved there, and every rank exits with the same file:line message, so `--resume auto
-        --skip-bad-lines` continues with no example lost or repeated."""
+        (tasks held by one rank read data the others never see), or any other failure of the input
+        (the prefetch thread's tokenizer, its memory), stops every rank the same way: `undo()` puts
+        every rank's data position back to the last completed step, a checkpoint is saved there, and
+        every rank exits with the same message, so `--resume auto` (with --skip-bad-lines for a bad
+        line) continues with no example lost or repeated."""
         error, started = None, time.perf_counter()
         self._t_first_fetch = self._t_first_fetch or started
         try:
             data = read()
         except DataError as e:
-            error, data = str(e), None
+            error, data = f"data error: {e}", None
+        except Exception as e:  # not the data: the same stop on every rank, the steps trained kept
+            error, data = f"input error on rank {self.rank}: {type(e).__name__}: {e}", None
         self.input_s += time.perf_counter() - started
         flag = torch.tensor([0.0 if error is None else 1.0])
         dist.all_reduce(flag, group=self.control)
@@ -179,12 +198,14 @@ class Run:
         message = next(e for e in errors if e)
         if undo:
             undo()
-        if self.step and latest_checkpoint(self.ckpt_dir) != f"step{self.step}":
-            save_checkpoint(self.engine, self.ckpt_dir, f"step{self.step}", client_state(), self.args.keep)
-        saved = f"saved step {self.step}; continue with --resume auto --skip-bad-lines" if self.step else \
-            "no step was completed; pass --skip-bad-lines to skip and count such lines"
+        self.checkpoints.save_unless_saved(self.engine, self.step, client_state())
+        data_error = message.startswith("data error")
+        if self.step:
+            saved = f"saved step {self.step}; continue with --resume auto" + (" --skip-bad-lines" if data_error else "")
+        else:
+            saved = "no step was completed" + ("; pass --skip-bad-lines to skip and count such lines" if data_error else "")
         self.close()
-        raise SystemExit(f"data error: {message}\n({saved})")
+        raise SystemExit(f"{message}\n({saved})")
 
     def optimize(self, loss: torch.Tensor, sources: list[str], backward: Callable | None = None) -> bool:
         """Backward and optimizer step; False (and nothing stepped, on any rank) if the loss is NaN/Inf
@@ -234,7 +255,7 @@ class Run:
         self.bar.update(1)
         stop_here = self.step == self.args.stop_at_step
         if (self.step % self.args.save_steps == 0 or stop_here) and not self.done:
-            save_checkpoint(self.engine, self.ckpt_dir, f"step{self.step}", client_state(), self.args.keep)
+            self.checkpoints.save(self.engine, f"step{self.step}", client_state())
         if stop_here and not self.done:
             self.say(f"stopped at step {self.step} (--stop-at-step); continue with --resume auto")
             self.close()
@@ -305,8 +326,10 @@ class Run:
         stats = self.train_stats()
         self.bar.close()
         tag = f"step{self.step}"
-        save_checkpoint(self.engine, self.ckpt_dir, tag, client_state, self.args.keep)
-        weights = fp32_weights(self.engine, self.ckpt_dir, tag)
+        self.checkpoints.save(self.engine, tag, client_state)
+        # on node-local disks rank 0's disk holds its own ZeRO partitions only: gather from the engine
+        weights = fp32_weights(self.engine, self.checkpoints.dir, tag,
+                               from_checkpoint=self.checkpoints.storage == "shared")
         self.engine.eval()
         with torch.no_grad():
             probe = embed(probe_texts, probe_prompt)
