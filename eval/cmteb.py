@@ -9,8 +9,11 @@ mteb loads the tasks, computes every metric and writes nothing by hand here. Eac
 once at full width; every dimension in --dims is scored on the first d coordinates of those
 embeddings (what `SentenceTransformer(path, truncate_dim=d)` gives). Prompts are the model's saved
 ones (query / passage), or --query-prompt / --passage-prompt.
-Output: OUTPUT_DIR/dim<d>/<task>.json per task and dimension, OUTPUT_DIR/results.md (a table by task
-type with the C-MTEB-style average), and with --update-card that table in the model's README.md.
+Output: mteb's own result cache in OUTPUT_DIR (results/<model>-dim<d>/<revision>/<task>.json, read by
+`mteb.ResultCache(OUTPUT_DIR).load_results()`), OUTPUT_DIR/results.md (a table by task type with the
+C-MTEB-style average), and with --update-card that table in the model's README.md. An interrupted run
+started again with the same command resumes: the tasks already scored for this model (the revision is
+a fingerprint of its weight files) are read back, not encoded again; --overwrite scores everything anew.
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output-dir", default=None, help="default: MODEL/eval (or eval_results/ for a hub id)")
     p.add_argument("--update-card", action="store_true", help="write the results table into the model's README.md")
+    p.add_argument("--overwrite", action="store_true",
+                   help="score every task again (default: resume, keeping the tasks already scored for this model)")
     return p.parse_args(argv)
 
 
@@ -80,7 +85,8 @@ SYMMETRIC_TYPES = ("STS", "PairClassification", "Classification", "MultilabelCla
                    "BitextMining", "Summarization")
 
 
-def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_prompt: str | None = None):
+def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_prompt: str | None = None,
+                    revision: str = "local"):
     """An mteb encoder that computes each (texts, prompt) embedding once and serves its first `dim` columns."""
     from mteb.models.model_meta import ModelMeta
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
@@ -100,7 +106,7 @@ def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_pr
     prompts = {"query": query, "document": document_prompt(model), **dict.fromkeys(SYMMETRIC_TYPES, symmetric)}
     encoder = CachedTruncated(model, model_prompts={k: v for k, v in prompts.items() if v})
     suffix = f"-dim{dim}" if dim else ""
-    encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(name=f"local/{name}{suffix}", revision="local"))
+    encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(name=f"local/{name}{suffix}", revision=revision))
     return encoder
 
 
@@ -112,29 +118,40 @@ def document_prompt(model) -> str:
     return model.prompts.get("document") or model.prompts.get("passage", "")
 
 
+def model_revision(path: Path, settings: object = None) -> str:
+    """A fingerprint of a model folder's files (names, sizes, modification times) and of the eval
+    settings that change scores (prompts): the revision results are cached under, so a model trained
+    again into the same folder, or scored with other prompts, is scored again."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and "eval" not in f.relative_to(path).parts) \
+        if path.is_dir() else []
+    stamp = "|".join(f"{f.relative_to(path)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha1(f"{stamp}|{json.dumps(settings, sort_keys=True)}".encode()).hexdigest()[:12]
+
+
 def evaluate(model, tasks: list, dims: list[int | None], batch_size: int, name: str, out: Path,
              symmetric_prompt: str | None = None,
-             on_task_end: Callable[[str, dict], None] | None = None) -> dict[int | None, dict[str, float]]:
-    """mteb scores {dim: {task: main score}}, task by task.
+             on_task_end: Callable[[str, dict], None] | None = None,
+             revision: str = "local", resume: bool = False) -> dict[int | None, dict[str, float]]:
+    """mteb scores {dim: {task: main score}}, task by task, kept in mteb's result cache at `out`.
 
     Each task's texts are encoded once at full width and every dimension is scored from those
     embeddings; the cache is dropped before the next task, so memory holds one task's embeddings
     (not all of C-MTEB's retrieval corpora at 1792 dims). `on_task_end(task, cache)` sees each
-    task's cache {(task, prompt type, hash): (texts, embeddings)} before it is freed.
+    task's cache {(task, prompt type, hash): (texts, embeddings)} before it is freed. With `resume`,
+    a (task, dim) already in the result cache under this name and revision is read back, not
+    encoded (mteb's "only-missing"); without it every task is scored and its result replaced.
     """
     import mteb
+    results = mteb.ResultCache(out)
     scores: dict[int | None, dict[str, float]] = {dim: {} for dim in dims}
-    width = model.get_embedding_dimension()
     for task in tasks:
         cache: dict = {}
         for dim in dims:
-            encoder = caching_encoder(model, dim, cache, name, symmetric_prompt)
-            result = mteb.evaluate(encoder, [task], cache=None, encode_kwargs={"batch_size": batch_size})
+            encoder = caching_encoder(model, dim, cache, name, symmetric_prompt, revision)
+            result = mteb.evaluate(encoder, [task], cache=results, overwrite_strategy="only-missing" if resume else "always",
+                                   encode_kwargs={"batch_size": batch_size}, show_progress_bar=False)
             for task_result in result.task_results:
                 scores[dim][task_result.task_name] = task_result.get_score()
-                path = out / f"dim{dim or width}" / f"{task_result.task_name}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(task_result.model_dump_json(indent=2))
         if on_task_end:
             on_task_end(task.metadata.name, cache)
         del cache, encoder, result
@@ -185,7 +202,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--dims {args.dims}: each must be between 1 and the model's width {width}")
 
     out = Path(args.output_dir) if args.output_dir else (model_path / "eval" if model_path.exists() else Path("eval_results"))
-    scores = evaluate(model, tasks, dims, args.batch_size, model_path.name, out, args.symmetric_prompt)
+    scores = evaluate(model, tasks, dims, args.batch_size, model_path.name, out, args.symmetric_prompt,
+                      revision=model_revision(model_path, [model.prompts, args.symmetric_prompt, args.model]),
+                      resume=not args.overwrite)
     table = results_table(scores, {t.metadata.name: t.metadata.type for t in tasks})
     (out / "results.md").write_text(table + "\n")
     print(table)

@@ -62,3 +62,19 @@ def test_cpu_optimizer_is_deepspeeds_and_makes_torchs_adamw_update():
     assert (ours.weight - start).abs().max() > 1e-3  # the steps did something
     for a, b in zip(ours.parameters(), ref.parameters()):
         assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+
+
+def test_grad_cache_in_bf16_accumulates_in_fp32():
+    zero0 = load_ds_config(ROOT / "ds_configs/zero0.json", 8, 2, 1.0, precision="bf16", mini_batch=16)
+    assert zero0["zero_optimization"]["stage"] == 1 and zero0["data_types"] == {"grad_accum_dtype": "fp32"}
+    zero3 = load_ds_config(ROOT / "ds_configs/zero3.json", 8, 2, 1.0, precision="bf16", mini_batch=16)
+    assert zero3["zero_optimization"]["stage"] == 3 and zero3["data_types"] == {"grad_accum_dtype": "fp32"}
+    for plain in (load_ds_config(ROOT / "ds_configs/zero0.json", 8, 2, 1.0, precision="fp32", mini_batch=16),
+                  load_ds_config(ROOT / "ds_configs/zero0.json", 8, 2, 1.0, precision="bf16")):
+        assert plain["zero_optimization"]["stage"] == 0 and "data_types" not in plain
+
+
+def test_node_local_checkpoints_set_deepspeeds_node_local_storage():
+    cfg = load_ds_config(ROOT / "ds_configs/zero2.json", 8, 2, 1.0, precision="fp32", storage="node-local")
+    assert cfg["checkpoint"] == {"use_node_local_storage": True}
+    assert "checkpoint" not in load_ds_config(ROOT / "ds_configs/zero2.json", 8, 2, 1.0, precision="fp32")

@@ -63,7 +63,34 @@ def test_local_sts_equals_scipy_spearman_on_the_same_embeddings(tiny_model, sts_
     assert scores[None]["local-sts-sts"] == pytest.approx(spearmanr(cos, gold).statistic, abs=1e-4)
     # and the embeddings are the model's own
     assert np.allclose(a, model.encode([r["sentence1"] for r in rows]), atol=1e-5)
-    assert (tmp_path / "dim32/local-sts-sts.json").is_file()
+    assert (tmp_path / "results/local__tiny/local/local-sts-sts.json").is_file()  # mteb's own cache layout
+
+
+def test_results_are_mteb_results_and_an_interrupted_run_resumes(tiny_model, sts_file, beir_folder, tmp_path):
+    """Results land in mteb's ResultCache layout (readable by mteb), and a run started again scores
+    only the (task, dim) pairs it has no result for: the others are read back, not encoded."""
+    import mteb
+
+    from eval.local_tasks import local_task
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    tasks = [local_task(f"sts:{sts_file}"), local_task(f"retrieval:{beir_folder[0]}")]
+    first, caches = evaluate_keeping_caches(model, tasks, [None, 16], 64, "tiny", tmp_path, revision="r1", resume=True)
+    assert len(caches) >= 3  # sts (one prompt type) and retrieval (queries, documents) were encoded
+    loaded = mteb.ResultCache(tmp_path).load_results(include_remote=False)
+    by_model = {m.model_name: {t.task_name: t.get_score() for t in m.task_results} for m in loaded.model_results}
+    assert by_model.keys() == {"local/tiny", "local/tiny-dim16"}  # mteb stores scores to 6 digits
+    for name, dim in (("local/tiny", None), ("local/tiny-dim16", 16)):
+        assert by_model[name] == pytest.approx(first[dim], abs=1e-6)
+
+    # interrupted after the first task: the retrieval results were never written
+    for path in tmp_path.glob("results/*/r1/local-retrieval-*.json"):
+        path.unlink()
+    again, caches = evaluate_keeping_caches(model, tasks, [None, 16], 64, "tiny", tmp_path, revision="r1", resume=True)
+    assert all(again[dim] == pytest.approx(first[dim], abs=1e-6) for dim in first)
+    assert {key[0] for key in caches} == {tasks[1].metadata.name}  # only the missing task was encoded
+    # another revision of the model (trained again into the same folder) is scored afresh
+    _, caches = evaluate_keeping_caches(model, tasks[:1], [None], 64, "tiny", tmp_path, revision="r2", resume=True)
+    assert {key[0] for key in caches} == {tasks[0].metadata.name}
 
 
 def test_cli_writes_results_table(tiny_model, sts_file, tmp_path):

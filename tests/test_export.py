@@ -80,3 +80,46 @@ def test_derived_tolerance_catches_an_untrained_release(tiny_model, bf16_runs):
     assert (untrained - check["embeddings"]).abs().max() > check["tolerance"]
     with pytest.raises(SystemExit, match="export check failed"):
         check_export(out / "final", check["texts"], check["prompt"], untrained, bf16=True, train_max_length=32)
+
+
+def test_bf16_grad_cache_run_accumulates_in_fp32_and_releases_its_masters(tiny_model, tmp_path):
+    """--mini-batch in bf16: zero0 runs as ZeRO-1 with fp32 gradient accumulation (DeepSpeed's
+    BF16_Optimizer); the run trains, and its release is the checkpoint's fp32 weights exactly."""
+    out = tmp_path / "cached"
+    proc = deepspeed_launch(PRETRAIN, "--model", str(tiny_model), "--train-data", DATA, "--output-dir", str(out),
+                            "--precision", "bf16", "--mini-batch", "3", "--batch-size", "4", "--max-steps", "4",
+                            "--lr", "1e-3", "--max-length", "32")
+    assert "ZeRO 1, bf16" in proc.stdout and "export check: reloaded model matches the engine" in proc.stdout
+    assert any("bf16_zero_pp_rank_0" in p.name for p in (out / "checkpoints/step4").iterdir())
+    assert exported_equals_checkpoint(out) == 0.0
+
+
+def bf16_backbone(tiny_model, out):
+    """The tiny model saved as LLM backbones are: bf16 weights, `dtype: bfloat16` in its config."""
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    model.to(torch.bfloat16)
+    model.save(str(out))
+    return out
+
+
+def test_a_backbone_saved_in_bf16_trains_from_fp32_weights_and_releases_them(tiny_model, tmp_path):
+    """transformers loads a checkpoint in its config's dtype: a bf16 backbone trained with --precision fp32
+    used to update bf16 weights (1e-5-sized AdamW steps round away) and fail its export check at the end."""
+    base = bf16_backbone(tiny_model, tmp_path / "bf16_base")
+    out = tmp_path / "o"
+    proc = deepspeed_launch(PRETRAIN, "--model", str(base), "--train-data", DATA, "--output-dir", str(out),
+                            "--precision", "fp32", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-5")
+    assert "export check: reloaded model matches the engine (max |diff| " in proc.stdout
+    release, start = load_file(out / "final/model.safetensors"), load_file(base / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in release.values())
+    moved = [(release[k] != start[k].float()).float().mean().item() for k in start if start[k].is_floating_point()]
+    assert sum(moved) / len(moved) > 0.5  # 1e-5 steps show in fp32 weights; in bf16 ones they round away
+    assert any((w != w.bfloat16().float()).any() for w in release.values())  # fp32 bits
+
+
+def test_bf16_weights_without_bf16_mixed_precision_are_refused(tiny_model, tmp_path):
+    proc = deepspeed_launch(PRETRAIN, "--model", str(tiny_model), "--train-data", DATA, "--output-dir",
+                            str(tmp_path / "o"), "--precision", "fp32", "--model-dtype", "bfloat16", "--max-steps", "1",
+                            check=False)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("--model-dtype bfloat16 without --precision bf16") == 2
