@@ -48,10 +48,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.ablation_data import QUICK, Budget, dev_tasks, mine, read_jsonl, split_data, task_config  # noqa: E402
-from bench.ablation_report import plot, table, write_readme  # noqa: E402  (after the path)
-from bench.base_model import base_model  # noqa: E402
+from bench.ablation_data import QUICK, Budget, dev_tasks, mine, read_jsonl, split_data, task_config
+from bench.ablation_report import plot, table, write_readme
+from bench.base_model import base_model
 
 ROWS = {
     "base": "base model",

@@ -1,12 +1,10 @@
 """The ablation's report: the table, the per-task plot and the README block (bench/ablation.py)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from eval.merge_sweep import average, worst_drop  # noqa: E402  (after the path)
+from eval.merge_sweep import average, worst_drop
 
 README_BEGIN, README_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 

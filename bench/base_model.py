@@ -16,7 +16,7 @@ def base_model(model: str | None, quick: bool, out: Path) -> str:
     if model:
         return resolve_model(model)[0]
     if quick:
-        from tests.tiny_model import make_tiny_model
+        from bench.tiny_model import make_tiny_model
         path = out / "tiny-base"
         if not (path / "modules.json").is_file():
             make_tiny_model(path, prompts={"query": "query: ", "passage": "passage: "})
@@ -27,7 +27,7 @@ def base_model(model: str | None, quick: bool, out: Path) -> str:
 def random_model(out: Path, shape: dict) -> str:
     """A sentence-transformers folder of the given BERT shape with random weights (speed only: the
     weights do not change the FLOPs), with a character-level WordPiece vocabulary of the demo data."""
-    from tests.tiny_model import make_tiny_model
+    from bench.tiny_model import make_tiny_model
     path = out / f"random-{shape['layers']}x{shape['hidden']}"
     if not (path / "modules.json").is_file():
         make_tiny_model(path, **shape)

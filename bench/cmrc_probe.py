@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.ablation import train_ours, training_env  # noqa: E402  (after the path)
-from bench.ablation_data import Budget, read_jsonl, read_qrels, write_beir  # noqa: E402
+from bench.ablation import train_ours, training_env
+from bench.ablation_data import Budget, read_jsonl, read_qrels, write_beir
 
 VARIANTS = {"d_len256": {"max_length": 256}, "d_lr1e-5": {"lr": 1e-5}}
 

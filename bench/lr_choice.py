@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.ablation_data import QUICK, Budget, dev_tasks  # noqa: E402  (after the path)
-from eval.merge_sweep import average, choose_weight, worst_drop  # noqa: E402
+from bench.ablation_data import QUICK, Budget, dev_tasks
+from eval.merge_sweep import average, choose_weight, worst_drop
 
 TRAINERS = {"a": "sentence-transformers trainer", "f": "ours, CBB + mining, merged (LM-Cocktail)"}
 

@@ -18,14 +18,12 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.ablation import evaluate_row  # noqa: E402  (after the path)
-from bench.ablation_data import Budget, split_data  # noqa: E402
-from bench.base_model import base_model  # noqa: E402
+from bench.ablation import evaluate_row
+from bench.ablation_data import Budget, split_data
+from bench.base_model import base_model
 
 
 def pretraining_texts() -> set[str]:

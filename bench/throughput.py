@@ -52,8 +52,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.base_model import LARGE, TINY, base_model, matmul_parameters, random_model  # noqa: E402  (after the path)
+from bench.base_model import LARGE, TINY, base_model, matmul_parameters, random_model
 DEMO = ROOT / "data/demo/finetune"
 ROWS = ["st", "random", "cbb", "cbb_every", "cbb_zero2", "cbb_mining", "cbb_cache"]
 LARGE_ROWS = ["large", "large_cache", "large_32k"]
@@ -162,7 +161,7 @@ def write_long_pairs(out: Path, lines: int, chars: int) -> Path:
     """Pairs of `chars` Chinese characters a side, cut at seeded offsets from the demo texts' Chinese
     characters joined end to end. A BERT tokenizer makes each a token, so every text fills the length."""
     import random
-    from tests.tiny_model import demo_texts
+    from bench.tiny_model import demo_texts
     path = out / "data" / f"long_pairs_{lines}x{chars}.jsonl"
     if path.is_file():
         return path

@@ -40,7 +40,7 @@ def deepspeed_launch(script: str | Path, *args: str, num_gpus: int = 2, timeout:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from tests.tiny_model import make_tiny_model
+    from bench.tiny_model import make_tiny_model
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 

@@ -201,7 +201,7 @@ def test_documents_get_the_passage_prompt_when_the_model_names_no_document_one(b
     """An e5-style model (prompts "query" and "passage"): sentence-transformers fills "document" with ""
     on load, and retrieval must still encode the corpus with "passage: ", not bare."""
     from eval.local_tasks import local_retrieval
-    from tests.tiny_model import make_tiny_model
+    from bench.tiny_model import make_tiny_model
     folder, docs = beir_folder
     path = make_tiny_model(tmp_path / "e5-style", prompts={"query": "query: ", "passage": "passage: "})
     model = SentenceTransformer(str(path), device="cpu")

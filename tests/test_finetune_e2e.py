@@ -79,7 +79,7 @@ def test_expansion_layer_starts_from_the_base_geometry(tiny_model):
     """Prefixes up to the encoder width are the base embedding exactly; the new coordinates are at the
     old ones' scale (not ~0, which left them unused) and the full-width cosine starts near the base's."""
     import torch.nn.functional as F
-    from tests.tiny_model import demo_texts
+    from bench.tiny_model import demo_texts
     from train.model import add_expansion_layer
     texts = demo_texts()[:40]
     base = F.normalize(SentenceTransformer(str(tiny_model), device="cpu").encode(texts, convert_to_tensor=True), dim=-1)

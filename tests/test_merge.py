@@ -50,7 +50,7 @@ def test_merge_weight_ends_are_the_parents(tiny_model, tmp_path, weight):
 
 
 def test_a_base_of_another_shape_is_refused(tiny_model, tmp_path):
-    from tests.tiny_model import make_tiny_model
+    from bench.tiny_model import make_tiny_model
     other = make_tiny_model(tmp_path / "other", hidden=16)
     with pytest.raises(SystemExit, match="does not match"):
         merge_main(["--model", str(tiny_model), "--base", str(other), "--output", str(tmp_path / "m")])

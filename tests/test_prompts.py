@@ -4,7 +4,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import ROOT, deepspeed_launch
-from tests.tiny_model import make_tiny_model
+from bench.tiny_model import make_tiny_model
 from train.encoding import MixedPromptPooling, allow_mixed_prompts, encode_groups
 
 PROMPTS = {"query": "query: ", "passage": "passage: 这是一段较长的前缀 "}
