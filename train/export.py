@@ -32,7 +32,9 @@ def fp32_weights(engine, ckpt_dir: Path, tag: str, from_checkpoint: bool = True)
         if engine.bfloat16_enabled():
             return engine_fp32_weights(engine)  # the optimizer's masters; no collective at stage 0
         return _module_weights(engine) if engine.global_rank == 0 else None
-    if not from_checkpoint:
+    if not from_checkpoint or type(engine.optimizer).__name__ == "BF16_Optimizer":
+        # zero_to_fp32 does not read BF16_Optimizer's checkpoints (ZeRO-1 with fp32 gradient
+        # accumulation, GradCache in bf16): "... is not a zero checkpoint" in DeepSpeed 0.19
         return engine_fp32_weights(engine)
     weights, error = None, None
     if engine.global_rank == 0:
