@@ -1,6 +1,6 @@
 """The paper's ablation on our data, against the sentence-transformers trainer, in one command.
 
-    python bench/ablation.py            # the full table on multilingual-e5-small (offline), into README.md
+    python bench/ablation.py            # the full table on multilingual-e5-small (offline), into docs/ablation.md
     python bench/ablation.py --quick    # a tiny model, a few steps, tiny dev sets: the wiring, in CI time
     python bench/ablation.py --scale 4 --rows a,e,f   # 4x the examples per row (more steps, more queries)
 
@@ -49,7 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 from bench.ablation_data import QUICK, Budget, dev_tasks, mine, read_jsonl, split_data, task_config
-from bench.ablation_report import plot, table, write_readme
+from bench.ablation_report import plot, table, write_doc
 from bench.base_model import base_model
 
 ROWS = {
@@ -73,15 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="re-run rows that already have a result")
     p.add_argument("--seed", type=int, default=None,
                    help="another training seed (same data and split): the spread between seeds; default 42, "
-                        "written to bench/results/ablation-seed<N>, not to README.md")
+                        "written to bench/results/ablation-seed<N>, not to docs/ablation.md")
     p.add_argument("--lr", type=float, default=None,
                    help="another learning rate for every trained row (same data, split and seed); default 2e-5, "
-                        "written to bench/results/ablation-lr<LR>, not to README.md (bench/lr_choice.py picks "
+                        "written to bench/results/ablation-lr<LR>, not to docs/ablation.md (bench/lr_choice.py picks "
                         "each trainer's lr and temperature on the tune split)")
     p.add_argument("--temperature", type=float, default=None,
                    help="one InfoNCE temperature for both trainers (ours --temperature, the peer's MNRL scale 1/T); "
                         "default: each trainer's own (ours 0.02, the peer's scale 20 = 0.05); written to "
-                        "bench/results/ablation-t<T>, not to README.md (bench/lr_choice.py --temperatures)")
+                        "bench/results/ablation-t<T>, not to docs/ablation.md (bench/lr_choice.py --temperatures)")
     p.add_argument("--scale", type=int, default=1,
                    help="K times the examples per row: K x the steps and K x the retrieval queries (the new ones from "
                         "what the draw left out and further retrieval-zh / SNLI rows), the same dev and tune sets; "
@@ -93,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="our rows without the expansion layer and the Matryoshka prefixes (finetune.py --expand-dim 0 "
                         "--mrl-dims none), the full width alone as the peer trains it; written to "
                         "bench/results/ablation[..]-nomrl")
-    p.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
+    p.add_argument("--no-doc", "--no-readme", dest="no_doc", action="store_true",
+                   help="do not write the table into docs/ablation.md")
     return p.parse_args(argv)
 
 
@@ -366,10 +367,10 @@ def main(argv=None) -> dict:
               + (tune_summary(results["f"]) if "f" in results else ""))
     (out / "table.md").write_text(report + "\n")
     print(report)
-    if not args.quick and not args.no_readme and not variant and set(rows) == set(ROWS):
+    if not args.quick and not args.no_doc and not variant and set(rows) == set(ROWS):
         shutil.copy(out / "ablation.png", ROOT / "docs/ablation.png")
-        write_readme(report + "\n\n![per-task dev scores](docs/ablation.png)")
-        print("README.md updated")
+        write_doc(report + "\n\n![per-task dev scores](ablation.png)")
+        print("docs/ablation.md updated")
     return results
 
 

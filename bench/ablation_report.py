@@ -1,4 +1,4 @@
-"""The ablation's report: the table, the per-task plot and the README block (bench/ablation.py)."""
+"""The ablation's report: the table, the per-task plot and the block of docs/ablation.md (bench/ablation.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 from eval.merge_sweep import average, worst_drop
 
-README_BEGIN, README_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+DOC_BEGIN, DOC_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+DOC = ROOT / "docs/ablation.md"
 
 
 def table(results: dict[str, dict], labels: dict[str, str], machine: str) -> str:
@@ -47,11 +48,11 @@ def plot(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    content = readme.read_text(encoding="utf-8")
-    if README_BEGIN not in content:
-        raise SystemExit(f"README.md has no {README_BEGIN} marker")
-    head, rest = content.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}", encoding="utf-8")
+def write_doc(text: str) -> None:
+    """Replace the table between the markers of docs/ablation.md (the prose around it is written by hand)."""
+    content = DOC.read_text(encoding="utf-8")
+    if DOC_BEGIN not in content:
+        raise SystemExit(f"{DOC} has no {DOC_BEGIN} marker")
+    head, rest = content.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    DOC.write_text(f"{head}{DOC_BEGIN}\n{text}\n{DOC_END}{tail}", encoding="utf-8")

@@ -1,6 +1,6 @@
 """Each trainer's learning rate and temperature, chosen on the tune split; then, once, the dev scores of the choice.
 
-    python bench/ablation.py                                # every row at lr 2e-5 (the table in README.md)
+    python bench/ablation.py                                # every row at lr 2e-5 (the table in docs/ablation.md)
     python bench/ablation.py --lr 1e-5 --rows a,e,f         # the peer and the full recipe at lr 1e-5
     python bench/ablation.py --temperature 0.01 --rows a,e,f  # both at InfoNCE temperature 0.01
     python bench/lr_choice.py --temperatures default,0.01   # the choice, and the dev table of every run

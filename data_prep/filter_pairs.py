@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-from train.records import DataError, json_object, _texts, _text
+from train.records import DataError, json_object, text_field, text_list
 
 BINS = np.linspace(-1.0, 1.0, 41)
 
@@ -42,8 +42,8 @@ def read_chunks(paths: list[Path], chunk_size: int, start: int, skip_bad: bool, 
                 where = f"{path}:{line_no}"
                 try:
                     record = json_object(raw.decode("utf-8"), "query", "pos")
-                    record["query"] = _text(record["query"], "query")
-                    record["pos"] = _texts(record["pos"], "pos", allow_str=True)
+                    record["query"] = text_field(record["query"], "query")
+                    record["pos"] = text_list(record["pos"], "pos", allow_str=True)
                     chunk.append((where, record))
                 except (UnicodeDecodeError, ValueError) as e:
                     err = f"{where}: {'not valid UTF-8' if isinstance(e, UnicodeDecodeError) else e}"

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from tests.conftest import ROOT, SHARED, deepspeed_launch
 from train.losses import InfoNCELoss
-from train.losses.cbb import false_negatives, retrieval_cbb
+from train.losses.cbb import retrieval_cbb
+from train.losses.infonce import false_negatives
 from train.records import pair_maker
 from train.text_ids import retrieval_ids, text_ids
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from train.finetune_data import ClassificationStream, parse_labelled
+from train.kinds.classification import ClassificationStream, parse_labelled
 from train.data import pair_length
-from train.losses.cbb import classification
+from train.losses.classification import classification
 from train.losses.cosent import CoSENTLoss, cosent
 from train.losses.matryoshka import matryoshka
 

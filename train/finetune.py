@@ -29,7 +29,8 @@ from train.merge import merge_release
 from train.mining import HardNegativeMiner, MiningRule, plot_history
 from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, load_model, matryoshka_dims,
                          open_sentence_transformer, set_pooling, with_expansion)
-from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
+from train.kinds import LossSettings
+from train.multitask import step_loss, task_groups, tasks_this_step
 from train.prefetch import close_prefetch, prefetched
 from train.rank_zero_data import shared_index, validate_data
 from train.release import push_to_hub, schedule_name, write_model_card

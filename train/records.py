@@ -50,7 +50,7 @@ class SkipReport:
         return sum(self.reasons.values())
 
 
-def _text(value, what: str) -> str:
+def text_field(value, what: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"'{what}' must be a string, got {type(value).__name__}")
     if not value.strip():
@@ -58,12 +58,12 @@ def _text(value, what: str) -> str:
     return value
 
 
-def _texts(value, what: str, allow_str: bool) -> list[str]:
+def text_list(value, what: str, allow_str: bool) -> list[str]:
     if allow_str and isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
         raise ValueError(f"'{what}' must be a list of strings, got {type(value).__name__}")
-    return [_text(v, f"{what}[{i}]") for i, v in enumerate(value)]
+    return [text_field(v, f"{what}[{i}]") for i, v in enumerate(value)]
 
 
 def json_object(line: str, *required: str) -> dict:
@@ -103,14 +103,14 @@ def parse_record(line: str, num_negatives: int) -> Record:
     """Query, positives, negatives and the ranked pool (with their mining scores, if any) of one JSONL
     line; ValueError says what is wrong."""
     obj = json_object(line, "query", "pos")
-    query = _text(obj["query"], "query")
-    pos = _texts(obj["pos"], "pos", allow_str=True)
+    query = text_field(obj["query"], "query")
+    pos = text_list(obj["pos"], "pos", allow_str=True)
     if not pos:
         raise ValueError("'pos' is an empty list")
-    neg = _texts(obj.get("neg", []), "neg", allow_str=False)
+    neg = text_list(obj.get("neg", []), "neg", allow_str=False)
     if num_negatives > 0 and not neg:
         raise ValueError(f"no 'neg' texts, but {num_negatives} hard negatives per example were asked for")
-    pool = _texts(obj.get("neg_pool", []), "neg_pool", allow_str=False)
+    pool = text_list(obj.get("neg_pool", []), "neg_pool", allow_str=False)
     return Record(query, pos, neg, pool, _scores(obj, "neg_scores", neg, "neg"),
                   _scores(obj, "neg_pool_scores", pool, "neg_pool"))
 

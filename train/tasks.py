@@ -24,8 +24,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TASK_TYPES = ("retrieval", "sts", "classification", "pairs")
-DEFAULT_WEIGHTS = {"retrieval": 1.0, "sts": 0.8, "classification": 1.0, "pairs": 1.0}  # sts: the paper's beta
+from .kinds import KINDS
+
+TASK_TYPES = tuple(KINDS)  # each kind's format, loss and default weight: train/kinds/
 
 
 class ConfigError(ValueError):
@@ -50,7 +51,7 @@ class Task:
     @property
     def shares_queries(self) -> bool:
         """CBB retrieval: every rank of the task holds all the queries and a slice of the negatives."""
-        return self.type == "retrieval" and not self.split_queries
+        return KINDS[self.type].shares_queries and not self.split_queries
 
     @property
     def negatives_per_rank(self) -> int:
@@ -116,16 +117,17 @@ def load_data_config(path: str | Path) -> DataConfig:
         for f in resolved:
             if not f.is_file():
                 raise ConfigError(f"{where}: {f}: no such file")
-        needs_neg = spec["type"] in ("retrieval", "classification")
+        kind = KINDS[spec["type"]]
         task = Task(name=name, type=spec["type"], files=resolved,
                     batch_size=_positive_int(where, spec, "batch_size"),
-                    num_negatives=_positive_int(where, spec, "num_negatives", 0, minimum=1 if needs_neg else 0),
+                    num_negatives=_positive_int(where, spec, "num_negatives", 0, minimum=1 if kind.needs_negatives else 0),
                     ranks=_positive_int(where, spec, "ranks", 1),
-                    weight=float(spec.get("weight", DEFAULT_WEIGHTS[spec["type"]])),
+                    weight=float(spec.get("weight", kind.default_weight)),
                     query_prompt=spec.get("query_prompt"), passage_prompt=spec.get("passage_prompt"))
         task.mining = _mining(where, spec.get("mining"), task.type)
-        if task.type == "sts" and task.batch_size < 2:
-            raise ConfigError(f"{where}: CoSENT compares pairs with each other; batch_size must be >= 2")
+        if task.batch_size < kind.min_batch:
+            raise ConfigError(f"{where}: a {task.type} task's loss compares examples with each other; "
+                              f"batch_size must be >= {kind.min_batch}")
         tasks.append(task)
     return DataConfig(tasks, data.get("query_prompt"), data.get("passage_prompt"), path)
 
@@ -135,7 +137,7 @@ def _mining(where: str, value, task_type: str) -> dict | None:
     from .mining import MiningRule
     if value in (None, "off", False):
         return None
-    if task_type != "retrieval":
+    if not KINDS[task_type].minable:
         raise ConfigError(f"{where}: 'mining' applies to retrieval tasks only")
     if isinstance(value, str):
         value = {"rule": value}
@@ -174,7 +176,7 @@ def assign_ranks(tasks: list[Task], world: int, schedule: str = "cbb", placement
     if schedule == "random" or world == 1 or placement == "every-rank":
         for task in tasks:
             task.assigned = list(range(world))
-            task.split_queries = task.type == "retrieval" and (schedule == "random" or placement == "every-rank")
+            task.split_queries = KINDS[task.type].shares_queries and (schedule == "random" or placement == "every-rank")
     elif world < len(tasks):
         for i, task in enumerate(tasks):  # a rank runs several tasks as sub-batches
             task.assigned = [i % world]

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-KINDS = ("pairs", "retrieval", "sts", "classification")
+from .kinds import KINDS as TASK_KINDS
+
+KINDS = tuple(TASK_KINDS)  # each kind's line format and parser: train/kinds/
 
 
 @dataclass
@@ -61,10 +63,7 @@ def reason_key(reason: str) -> str:
 
 def line_checker(kind: str, num_negatives: int = 0):
     """line (str) -> None, or ValueError with the reason: the training loop's own parser for `kind`."""
-    from .records import pair_maker
-    from .finetune_data import make_sts, parse_labelled
-    make = {"pairs": pair_maker(num_negatives), "retrieval": pair_maker(max(num_negatives, 1)),
-            "sts": make_sts, "classification": parse_labelled}[kind]
+    make = TASK_KINDS[kind].parser(num_negatives)
     rng = random.Random(0)
     return lambda line: make(line, rng, "")
 

@@ -18,7 +18,8 @@ from sentence_transformers import SentenceTransformer
 from train.ds_config import load_ds_config
 from train.encoding import encode_groups
 from train.finetune_data import task_stream
-from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
+from train.kinds import LossSettings
+from train.multitask import step_loss, task_groups, tasks_this_step
 from train.tasks import assign_ranks, load_data_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -29,7 +29,8 @@ from train.finetune_data import task_stream
 from train.grad_cache import GradCache
 from train.losses import InfoNCELoss
 from train.model import densify_embedding_gradients
-from train.multitask import LossSettings, step_loss, task_groups, tasks_this_step
+from train.kinds import LossSettings
+from train.multitask import step_loss, task_groups, tasks_this_step
 from train.runner import use_sparse_embedding_gradients
 from train.tasks import assign_ranks, load_data_config
 

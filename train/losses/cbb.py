@@ -21,6 +21,8 @@ Classification: each text against one same-label text and n other-label texts, n
 
 Pairs: InfoNCE with in-batch negatives gathered over the task's ranks (as in pre-training).
 
+(Each kind's texts and loss call are in train/kinds/; this module holds the CBB maths they share.)
+
 Combining: DeepSpeed averages gradients over all W ranks. A task held by |R_t| ranks has each of
 them compute a loss whose gradients sum to |R_t| * grad(L_t), so each rank scales its task loss by
 w_t * W / |R_t|; the averaged gradient is then exactly grad(sum_t w_t L_t), whatever the number of
@@ -29,11 +31,9 @@ ranks. A rank that runs no task of a kind adds nothing for it (not a NaN from an
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..distributed import all_gather_with_grad, rank
-from .cosent import cosent
-from .infonce import false_negatives, gathered_candidates, info_nce
+from ..distributed import all_gather_with_grad
+from .infonce import info_nce
 
 
 def task_scale(weight: float, world: int, task_ranks: int) -> float:
@@ -54,34 +54,4 @@ def gather_negatives(neg: torch.Tensor, group) -> torch.Tensor:
     return all_gather_with_grad(neg, group)
 
 
-def own_negative_scores(q: torch.Tensor, neg_all: torch.Tensor, per_rank: int, ranks: int) -> torch.Tensor:
-    """Mean cosine of each query with its own hard negatives (all ranks' slices), for mining. [B]
-
-    neg_all is [rank 0: B x per_rank, rank 1: B x per_rank, ...], query-major within each rank.
-    """
-    b = q.shape[0]
-    own = neg_all.reshape(ranks, b, per_rank, -1).transpose(0, 1).reshape(b, ranks * per_rank, -1)
-    return torch.einsum("bd,bkd->bk", F.normalize(q.float(), dim=-1), F.normalize(own.float(), dim=-1)).mean(1)
-
-
-def sts_cosent(emb1: torch.Tensor, emb2: torch.Tensor, gold: torch.Tensor, scale: float) -> torch.Tensor:
-    """CoSENT over already gathered pair embeddings [B, d] and gold scores [B]."""
-    return cosent(F.cosine_similarity(emb1.float(), emb2.float(), dim=-1), gold.float(), scale)
-
-
-def classification(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, temperature: float) -> torch.Tensor:
-    """q, pos [B, d]; neg [B * n, d] (n other-label texts per query). Only a query's own candidates count."""
-    q = F.normalize(q.float(), dim=-1)
-    own = torch.cat([pos[:, None], neg.reshape(q.shape[0], -1, neg.shape[-1])], dim=1)  # [B, 1 + n, d]
-    scores = torch.einsum("bd,bkd->bk", q, F.normalize(own.float(), dim=-1)) / temperature
-    return F.cross_entropy(scores, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
-
-
-def pairs_infonce(q: torch.Tensor, pos_all: torch.Tensor, labels: torch.Tensor, temperature: float,
-                  exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """InfoNCE over candidates already gathered by `gathered_candidates` (exclude: `false_negatives`)."""
-    return info_nce(q, pos_all, labels, temperature, exclude)
-
-
-__all__ = ["task_scale", "retrieval_cbb", "gather_negatives", "sts_cosent", "classification",
-           "pairs_infonce", "gathered_candidates", "false_negatives", "all_gather_with_grad", "rank"]
+__all__ = ["task_scale", "retrieval_cbb", "gather_negatives"]

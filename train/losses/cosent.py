@@ -31,3 +31,8 @@ class CoSENTLoss(nn.Module):
     def forward(self, emb1: torch.Tensor, emb2: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         cosines = F.cosine_similarity(emb1.float(), emb2.float(), dim=-1)
         return cosent(cosines, gold.float().to(cosines.device), self.scale)
+
+
+def pair_cosent(emb1: torch.Tensor, emb2: torch.Tensor, gold: torch.Tensor, scale: float) -> torch.Tensor:
+    """CoSENT over pair embeddings [B, d] (already gathered across ranks) and gold scores [B]."""
+    return cosent(F.cosine_similarity(emb1.float(), emb2.float(), dim=-1), gold.float(), scale)

@@ -1,0 +1,19 @@
+"""The task kinds of fine-tuning, one module each: its line format and parser, its stream, the texts
+a rank encodes for a step and its loss (train/kinds/base.py says what each provides).
+
+    retrieval       query, positive, hard negatives: InfoNCE_CBB        (kinds/retrieval.py)
+    sts             sentence pairs with a score: CoSENT                (kinds/sts.py)
+    classification  labelled texts: contrastive, no in-batch negatives (kinds/classification.py)
+    pairs           query and positive: InfoNCE, in-batch negatives    (kinds/pairs.py)
+"""
+from __future__ import annotations
+
+from .base import LossSettings, TaskKind, TaskLoss
+from .classification import Classification
+from .pairs import Pairs
+from .retrieval import Retrieval
+from .sts import Sts
+
+KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Retrieval(), Sts(), Classification(), Pairs())}
+
+__all__ = ["KINDS", "LossSettings", "TaskKind", "TaskLoss"]
