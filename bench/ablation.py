@@ -41,8 +41,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -50,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 from bench.ablation_data import QUICK, Budget, dev_tasks, mine, read_jsonl, split_data, task_config
 from bench.ablation_report import plot, table, write_doc
+from bench import launch
 from bench.base_model import base_model
 
 ROWS = {
@@ -100,62 +99,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- rows
 
-def examples_seen(b: Budget, schedule: str) -> dict[str, int]:
-    """Examples per task that a run sees (the random schedule's draw is the loop's own)."""
-    if schedule == "cbb":
-        return {"retrieval": b.steps * b.batch, "sts": b.steps * b.batch}
-    from train.multitask import tasks_this_step
-    from train.tasks import Task
-    tasks = [Task("retrieval", "retrieval", [], b.batch), Task("sts", "sts", [], b.batch)]
-    seen = {"retrieval": 0, "sts": 0}
-    for step in range(2 * b.steps):
-        seen[tasks_this_step(tasks, 0, step, "random", b.seed)[0].name] += b.batch
-    return seen
-
-
-def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: dict, schedule: str, mining: bool) -> dict:
+def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, schedule: str, mining: bool) -> dict:
     steps = b.steps if schedule == "cbb" else 2 * b.steps
     run_dir = out / "runs" / row
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port", str(29400 + os.getpid() % 500), str(ROOT / "train/finetune.py"),
-           "--model", base, "--data-config", str(task_config(data_dir, b, mining)), "--task-schedule", schedule,
-           "--max-steps", str(steps), "--lr", str(b.lr), "--max-length", str(b.max_length), "--seed", str(b.seed),
-           "--output-dir", str(run_dir), "--log-steps", str(max(1, steps // 10)), "--save-steps", "100000",
-           "--merge-weight", "1"]  # rows b-e are the recipe as trained; row f is the merge
+    args = ["--model", base, "--data-config", str(task_config(data_dir, b, mining)), "--task-schedule", schedule,
+            "--max-steps", str(steps), "--lr", str(b.lr), "--max-length", str(b.max_length), "--seed", str(b.seed),
+            "--log-steps", str(max(1, steps // 10)), "--save-steps", "100000",
+            "--merge-weight", "1"]  # rows b-e are the recipe as trained; row f is the merge
     if b.temperature is not None:
-        cmd += ["--temperature", str(b.temperature)]
+        args += ["--temperature", str(b.temperature)]
     if not b.mask_false_negatives:
-        cmd += ["--no-mask-false-negatives"]
+        args += ["--no-mask-false-negatives"]
     if not b.matryoshka:
-        cmd += ["--expand-dim", "0", "--mrl-dims", "none"]
-    log = out / "logs" / f"{row}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"row {row}: training failed ({proc.returncode}); see {log}")
+        args += ["--expand-dim", "0", "--mrl-dims", "none"]
+    summary = launch.train("train/finetune.py", args, run_dir, out / "logs" / f"{row}.log")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 2.3 GB a row; the release is in final/
-    info = {"model": str(run_dir / "final"), "examples": examples_seen(b, schedule), "steps": steps,
-            "false_negatives": false_negatives_left_out(log)}
+    info = {"model": str(run_dir / "final"), "examples": summary["examples"], "steps": summary["steps"],
+            "false_negatives": summary["false_negatives"] if b.mask_false_negatives else None}
     if mining:
-        info["mining"] = mining_summary(run_dir, steps)
+        info["mining"] = summary["mining"]["retrieval"]
     return info
-
-
-def false_negatives_left_out(log: Path) -> int | None:
-    """The count train/finetune.py reports at the end of a run (None: the mask was off)."""
-    import re
-    found = re.findall(r"false negatives left out of InfoNCE \(.*\): (\d+)", log.read_text())
-    return int(found[-1]) if found else None
-
-
-def mining_summary(run_dir: Path, steps: int) -> dict:
-    """How many negatives dynamic mining replaced, and when (from the run's saved mining state)."""
-    state = json.loads((run_dir / "mining_retrieval.json").read_text())
-    at = sorted(s for e in state["examples"].values() for s in e["replaced_at"])
-    return {"replaced": len(at), "examples_with_replacement": sum(1 for e in state["examples"].values() if e["replaced"]),
-            "first_step": at[0] if at else None, "last_step": at[-1] if at else None,
-            "per_quarter": [sum(1 for s in at if q * steps / 4 < s <= (q + 1) * steps / 4) for q in range(4)]}
 
 
 def own_temperature(row: str) -> float:
@@ -227,7 +190,7 @@ def merge_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, source:
             "merge_weight": tune["weight"], "tune": tune, "sweep_seconds": time.perf_counter() - start}
 
 
-def train_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: dict, results: dict, force: bool) -> dict:
+def train_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, results: dict, force: bool) -> dict:
     """Train (or merge) one row. What a finished training returns is kept in runs/<row>/trained.json, so a
     run stopped during evaluation starts again at the evaluation, not at step 0."""
     trained = out / "runs" / row / "trained.json"
@@ -242,7 +205,7 @@ def train_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, env: di
         info = merge_row(row, out, data_dir, base, b, results.get("e") or json.loads((out / "results/e.json").read_text()))
     else:
         schedule = "cbb" if row in ("c", "e") else "random"
-        info = train_ours(row, out, data_dir, base, b, env, schedule, mining=row in ("d", "e"))
+        info = train_ours(row, out, data_dir, base, b, schedule, mining=row in ("d", "e"))
     info["seconds"] = time.perf_counter() - start if row != "f" else None
     trained.write_text(json.dumps(info, indent=1))
     return info
@@ -291,12 +254,6 @@ def variant_suffix(seed: int | None, lr: float | None, temperature: float | None
             + ("-nomrl" if not matryoshka else "") + (f"-x{scale}" if scale != 1 else ""))
 
 
-def training_env() -> dict:
-    """Our rows' environment: offline, one thread per rank (2 ranks on 2 cores), the repo importable."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     budget = QUICK if args.quick else Budget()
@@ -318,12 +275,11 @@ def main(argv=None) -> dict:
     if set(rows) - set(ROWS):
         raise SystemExit(f"--rows: unknown {sorted(set(rows) - set(ROWS))}; known: {', '.join(ROWS)}")
     rows = ["base"] + [r for r in ROWS if r in rows and r != "base"]  # every table is relative to the base
-    env = training_env()
     out.mkdir(parents=True, exist_ok=True)
     base = base_model(args.model, args.quick, out)
     data_dir = out / "data"
     counts = split_data(data_dir, budget)
-    counts["retrieval left out: too few negatives after filtering"] = mine(data_dir, base, budget, env)
+    counts["retrieval left out: too few negatives after filtering"] = mine(data_dir, base, budget, launch.script_env())
     print(f"data: {counts}; budget: {asdict(budget)}")
 
     from sentence_transformers import SentenceTransformer
@@ -334,7 +290,7 @@ def main(argv=None) -> dict:
         if cached.is_file() and not args.force:
             results[row] = json.loads(cached.read_text())
             continue
-        info = train_row(row, out, data_dir, base, budget, env, results, args.force)
+        info = train_row(row, out, data_dir, base, budget, results, args.force)
         info["base_width"] = base_width
         info.update(evaluate_row(info, data_dir, out, row, budget))
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-from bench.ablation import train_ours, training_env
+from bench.ablation import train_ours
 from bench.ablation_data import Budget, read_jsonl, read_qrels, write_beir
 
 VARIANTS = {"d_len256": {"max_length": 256}, "d_lr1e-5": {"lr": 1e-5}}
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     for row, overrides in VARIANTS.items():
         final = out / "runs" / row / "final"
         if not final.is_dir():
-            train_ours(row, out, data_dir, base, replace(Budget(), **overrides), training_env(), "random", mining=True)
+            train_ours(row, out, data_dir, base, replace(Budget(), **overrides), "random", mining=True)
         models[row] = (str(final), 512)
     scores = {row: score(path, task, length, row, out) for row, (path, length) in models.items()}
     lines = ["| row | CMRC-probe nDCG@10 | vs base |", "|---|---|---|"]

@@ -66,9 +66,10 @@ def run(name: str, cmd: list[str], out: Path, timeout: int = 300) -> tuple[int, 
     return code, text, time.time() - started
 
 
-def train_stats(text: str) -> dict:
-    line = next((ln for ln in text.splitlines() if ln.startswith("train stats: ")), None)
-    return json.loads(line[len("train stats: "):]) if line else {}
+def run_summary(output_dir: Path) -> dict:
+    """What a training run did, as it wrote it (OUTPUT_DIR/summary.json); {} if it wrote none."""
+    path = output_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def training_check(report: Report, name: str, script: str, model: str, config: str, args: list[str], out: Path,
@@ -78,7 +79,7 @@ def training_check(report: Report, name: str, script: str, model: str, config: s
            "--precision", "fp32" if quick else "bf16", "--max-steps", "4", "--save-steps", "100000",
            "--output-dir", str(out / "runs" / name.replace(" ", "_")), *args]
     code, text, seconds = run(name, cmd, out)
-    stats = train_stats(text)
+    stats = run_summary(out / "runs" / name.replace(" ", "_"))
     exported = "export check: reloaded model matches the engine" in text
     check = next((ln for ln in text.splitlines() if ln.startswith("export check")), "no export check line")
     memory = f"peak GPU {stats['peak_gpu_mb']:,.0f} MB" if "peak_gpu_mb" in stats else \

@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+from bench import launch
 from bench.base_model import LARGE, TINY, base_model, matmul_parameters, random_model
 DEMO = ROOT / "data/demo/finetune"
 ROWS = ["st", "random", "cbb", "cbb_every", "cbb_zero2", "cbb_mining", "cbb_cache"]
@@ -124,37 +125,33 @@ def run_ours(row: str, args, base: str, data: Path, out: Path) -> dict:
     extra = ["--mini-batch", str(args.mini_batch)] if row == "cbb_cache" else []
     extra += ["--task-placement", "every-rank"] if row not in ("random", "cbb") else []
     extra += ["--deepspeed-config", str(ROOT / "ds_configs/zero2.json") if row == "cbb_zero2" else args.deepspeed_config]
-    cmd = [*launcher(2, "train/finetune.py"), "--model", base,
-           "--data-config", str(task_config(data, args.batch, row == "cbb_mining")), "--task-schedule", schedule,
-           "--max-steps", str(steps), "--max-length", str(args.max_length), "--output-dir", str(out / "runs" / row),
-           "--save-steps", "100000", "--log-steps", str(max(1, steps // 4)), "--merge-weight", "1", *extra]
-    stats = run_logged(row, cmd, script_env(threads=1), out, "train stats: ")
+    stats = train_row(row, "train/finetune.py", [
+        "--model", base, "--data-config", str(task_config(data, args.batch, row == "cbb_mining")), "--task-schedule",
+        schedule, "--max-steps", str(steps), "--max-length", str(args.max_length), "--save-steps", "100000",
+        "--log-steps", str(max(1, steps // 4)), "--merge-weight", "1", *extra], out, threads=1)
     return {**stats, "examples": steps * args.batch * (2 if schedule == "cbb" else 1)}
 
 
-def launcher(ranks: int, script: str) -> list[str]:
-    """torch.distributed.run of one of our training scripts on `ranks` local ranks."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port",
-            str(29300 + os.getpid() % 500), str(ROOT / script)]
+def train_row(row: str, script: str, script_args: list[str], out: Path, ranks: int = 2, threads: int | None = 1) -> dict:
+    """One of our rows through bench/launch.py: its summary.json. The row's output folder goes once it
+    has run: its checkpoint (GBs a row) is not what is measured."""
+    try:
+        return launch.train(script, script_args, out / "runs" / row, out / f"{row}.log", ranks=ranks, threads=threads)
+    finally:
+        shutil.rmtree(out / "runs" / row, ignore_errors=True)
 
 
-def script_env(threads: int | None) -> dict:
-    """The environment of our rows: offline, the repo importable, `threads` per rank (None: leave it)."""
-    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-            **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-
-
-def run_logged(row: str, cmd: list[str], env: dict, out: Path, prefix: str) -> dict:
-    """Run one row in its own process, keep its log, and return the figures it printed after `prefix`.
-    The row's output folder goes once it has run: its checkpoint (GBs a row) is not what is measured."""
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    (out / f"{row}.log").write_text(proc.stdout + proc.stderr)
-    shutil.rmtree(out / "runs" / row, ignore_errors=True)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(prefix)), None)
-    if proc.returncode or line is None:
-        raise SystemExit(f"row {row} failed ({proc.returncode}); see {out / f'{row}.log'}")
-    return json.loads(line[len(prefix):])
+def run_peer(argv, out: Path) -> dict:
+    """The sentence-transformers trainer's row, in a process of its own (it uses both cores); it writes
+    its figures to st_summary.json."""
+    summary = out / "st_summary.json"
+    summary.unlink(missing_ok=True)
+    with open(out / "st.log", "w") as log:
+        code = subprocess.run([sys.executable, __file__, "--st-row", "1", *(argv or sys.argv[1:])], cwd=ROOT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code or not summary.is_file():
+        raise SystemExit(f"row st failed ({code}); see {out / 'st.log'}")
+    return json.loads(summary.read_text())
 
 
 def write_long_pairs(out: Path, lines: int, chars: int) -> Path:
@@ -188,12 +185,12 @@ def large_row_size(row: str, args) -> tuple[int, int, int]:
 def run_large(row: str, args, model: str, data: Path, out: Path, gpus: int) -> dict:
     """A pre-training run of the large rows: bf16 and one rank per GPU on cuda, fp32 on CPU (--quick)."""
     batch, steps, mini_batch = large_row_size(row, args)
-    cmd = [*launcher(gpus, "train/pretrain.py"), "--model", model,
-           "--train-data", str(data), "--batch-size", str(batch), "--max-length", str(args.max_length),
-           "--max-steps", str(steps), "--deepspeed-config", str(ROOT / "ds_configs/zero1.json"),
-           "--precision", "bf16" if args.device == "cuda" else "fp32", "--output-dir", str(out / "runs" / row),
-           "--save-steps", "100000", "--log-steps", str(max(1, steps // 4)), "--mini-batch", str(mini_batch)]
-    stats = run_logged(row, cmd, script_env(None if args.device == "cuda" else os.cpu_count()), out, "train stats: ")
+    stats = train_row(row, "train/pretrain.py", [
+        "--model", model, "--train-data", str(data), "--batch-size", str(batch), "--max-length", str(args.max_length),
+        "--max-steps", str(steps), "--deepspeed-config", str(ROOT / "ds_configs/zero1.json"),
+        "--precision", "bf16" if args.device == "cuda" else "fp32", "--save-steps", "100000",
+        "--log-steps", str(max(1, steps // 4)), "--mini-batch", str(mini_batch)], out, ranks=gpus,
+        threads=None if args.device == "cuda" else os.cpu_count())
     return {**stats, "gpus": gpus, "pairs_per_step": batch * gpus, "mini_batch": mini_batch}
 
 
@@ -302,9 +299,7 @@ def run_rows(args, rows: list[str], argv, out: Path) -> tuple[dict, str]:
     for round_ in range(args.repeat):  # rounds of every row in turn: a slow spell of the machine hits them alike
         for row in rows:
             if row == "st":
-                env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-                runs[row].append(run_logged(row, [sys.executable, __file__, "--st-row", "1", *(argv or sys.argv[1:])],
-                                            env, out, "st stats: "))
+                runs[row].append(run_peer(argv, out))
             else:
                 runs[row].append(run_ours(row, args, base, data, out))
             print(f"{row} (round {round_ + 1}): {runs[row][-1]}", flush=True)
@@ -348,7 +343,8 @@ def main(argv=None) -> dict:
     out = Path(args.out or ROOT / "bench/results" / ("throughput-quick" if args.quick else "throughput")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.st_row:  # the st row's own process: print its figures for the parent
-        print("st stats: " + json.dumps(run_st(args, base_model(args.model, args.quick, out), write_data(out, Path(args.data)), out)))
+        stats = run_st(args, base_model(args.model, args.quick, out), write_data(out, Path(args.data)), out)
+        (out / "st_summary.json").write_text(json.dumps(stats))
         return {}
     rows = [r.strip() for r in args.rows.split(",")]
     unknown = [r for r in rows if r not in ROWS + LARGE_ROWS]

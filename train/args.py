@@ -3,6 +3,7 @@ ModelArguments / DataArguments / TrainingArguments). Each script adds its own an
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +91,63 @@ def add_stream_args(g) -> None:
 def stream_options(args) -> dict:
     return dict(group_buffer=args.group_buffer, shuffle_buffer=args.shuffle_buffer,
                 shard_bytes=max(1, int(args.shard_mb * (1 << 20))), open_shards=args.open_shards)
+
+
+# --- the typed configuration shared code reads: one dataclass per group of flags, as --help prints them
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None
+    pooling: str | None
+    max_length: int
+    release_max_length: int | None
+    model_dtype: str
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    output_dir: str
+    deepspeed_config: str
+    epochs: int
+    max_steps: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    max_grad_norm: float
+    temperature: float
+    mask_false_negatives: bool
+    precision: str
+    mini_batch: int
+    log_steps: int
+    seed: int
+    expansion_lr: float | None = None   # fine-tuning's expansion layer (its "losses" group)
+
+
+@dataclass(frozen=True)
+class ReliabilityConfig:
+    skip_bad_lines: bool
+    validate_data: bool
+    save_steps: int
+    checkpoint_storage: str
+    resume: str | None
+    keep: int
+    max_bad_steps: int
+    dist_timeout: float
+    stop_at_step: int
+    trace_examples: bool
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What train/runner.py, checkpoints and the export read of a run's flags."""
+    model: ModelConfig
+    training: TrainingConfig
+    reliability: ReliabilityConfig
+    prefetch: int = 4
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The shared groups of a parsed command line as typed, frozen configs."""
+    def pick(cls):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    return RunConfig(pick(ModelConfig), pick(TrainingConfig), pick(ReliabilityConfig), getattr(args, "prefetch", 4))

@@ -155,3 +155,26 @@ def check_export(final_dir: Path, texts: list[str], prompt: str, engine_emb: tor
     print(f"export check: reloaded model matches the engine (max |diff| {diff:.1e}, tolerance {tolerance:.1e}); "
           f"trained at {train_max_length} tokens, the release encodes at {release_length}")
     return diff
+
+
+def export_release(engine, checkpoints, step: int, client_state: dict, embed, probe_texts: list[str],
+                   probe_prompt: str, rebuild, prompts: dict[str, str], release_max_length: int | None,
+                   train_max_length: int) -> Path:
+    """Final checkpoint, its fp32 weights, the release folder, and the check that it encodes as the engine.
+
+    `embed(texts, prompt)` encodes through the engine (every rank takes part: ZeRO-3 gathers weights in
+    forward); `rebuild()` makes the untrained model with the same modules, on CPU. Rank 0 writes the
+    release once, in OUTPUT_DIR/final.
+    """
+    tag = f"step{step}"
+    checkpoints.save(engine, tag, client_state)
+    # on node-local disks rank 0's disk holds its own ZeRO partitions only: gather from the engine
+    weights = fp32_weights(engine, checkpoints.dir, tag, from_checkpoint=checkpoints.storage == "shared")
+    engine.eval()
+    with torch.no_grad():
+        probe = embed(probe_texts, probe_prompt)
+    final = checkpoints.dir.parent / "final"
+    if engine.global_rank == 0:
+        export_sentence_transformer(rebuild, weights, final, prompts, release_max_length)
+        check_export(final, probe_texts, probe_prompt, probe.float().cpu(), engine.bfloat16_enabled(), train_max_length)
+    return final

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 from sentence_transformers import SentenceTransformer
 
-from train.args import ROOT, add_stream_args, base_parser, stream_options
+from train.args import ROOT, add_stream_args, base_parser, run_config, stream_options
 from train.checkpoint import Checkpoints
 from train.cluster import from_rank_zero, host_group
 from train.data import DataError
@@ -157,6 +157,15 @@ def write_release_extras(run: Run, final: Path, streams: dict, miners: dict, tas
                      release_length=model.max_seq_length)
 
 
+def examples_trained(tasks: list, steps: int, schedule: str, seed: int) -> dict[str, int]:
+    """Examples of each task in `steps` steps (the random schedule's draw is the loop's own)."""
+    seen = {t.name: 0 for t in tasks}
+    for step in range(steps):
+        for t in (tasks_this_step(tasks, 0, step, schedule, seed) if schedule == "random" else tasks):
+            seen[t.name] += t.batch_size
+    return seen
+
+
 def merge_with_base(final: Path, base: str, weight: float) -> None:
     """The release keeps general ability: the fine-tuned folder moves to final_unmerged and `final`
     becomes its LM-Cocktail merge with the base (bench/ablation.py, row f against row e)."""
@@ -176,7 +185,8 @@ def main(argv=None) -> None:
     config, streams, total_steps = open_tasks(args, world)
     tasks, groups = config.tasks, task_groups(config.tasks)
     model, base_name, rebuild, shape, loss_settings = open_model(args, config)
-    engine, scheduler = build_engine(model, args, 1, world, total_steps)
+    config = run_config(args)
+    engine, scheduler = build_engine(model, config, 1, world, total_steps)
 
     # --- resumed state: step, each task's data position, the mining state
     checkpoints = Checkpoints(Path(args.output_dir), args.checkpoint_storage, args.keep,
@@ -187,7 +197,7 @@ def main(argv=None) -> None:
               {t.name: HardNegativeMiner(t.num_negatives, MiningRule(**t.mining)) for t in tasks if t.mining})
     batches = {t.name: prefetched(partial(task_batches, streams[t.name]), positions[t.name], args.prefetch)
                for t in tasks if rank in t.assigned}  # a rank reads only its own tasks
-    run = Run(engine, scheduler, args, total_steps, metrics=[t.name for t in tasks], desc="finetune",
+    run = Run(engine, scheduler, config, total_steps, metrics=[t.name for t in tasks], desc="finetune",
               checkpoints=checkpoints, client=client)
     run.say(f"fine-tuning {base_name} ({schedule_name(vars(args))}), {total_steps} steps on {world} ranks: "
             + "; ".join(f"{t.name} ({t.type}) x{t.batch_size} w={t.weight:g} on ranks {t.assigned}" for t in tasks)
@@ -234,7 +244,7 @@ def main(argv=None) -> None:
 
     for reader in batches.values():
         close_prefetch(reader)
-    run.report_false_negatives(false_negatives)
+    false_negatives = run.report_false_negatives(false_negatives)
 
     # --- the release folder
     first = tasks[0]
@@ -243,6 +253,10 @@ def main(argv=None) -> None:
                                                                                 engine.device, 1)[0][0],
                        probe_texts=["如何训练中文向量模型？", "导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=first.query_prompt, rebuild=rebuild, prompts=prompts)
+    run.finish(examples=examples_trained(tasks, run.step, args.task_schedule, args.seed),
+               false_negatives=false_negatives, release=str(final),
+               skipped_lines={n: s.skipped.total for n, s in streams.items()},
+               mining={name: miner.summary(run.step) for name, miner in miners.items()})
     if run.is_main:
         write_release_extras(run, final, streams, miners, tasks, base_name, loss_settings.dims, args)
         if args.merge_weight < 1:

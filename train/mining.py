@@ -190,6 +190,14 @@ class HardNegativeMiner:
                 "examples": {k: asdict(v) for k, v in self.examples.items()},
                 "history": list(self.history), "checks": [asdict(c) for c in self.checks], "since": dict(self._since)}
 
+    def summary(self, steps: int) -> dict:
+        """How many negatives were replaced, in how many examples, and when (each quarter of `steps`)."""
+        at = sorted(s for e in self.examples.values() for s in e.replaced_at)
+        return {"replaced": len(at), "examples_with_replacement": sum(1 for e in self.examples.values() if e.replaced),
+                "examples_scored": len(self.examples), "first_step": at[0] if at else None,
+                "last_step": at[-1] if at else None,
+                "per_quarter": [sum(1 for s in at if q * steps / 4 < s <= (q + 1) * steps / 4) for q in range(4)]}
+
     @classmethod
     def from_state_dict(cls, state: dict) -> "HardNegativeMiner":
         miner = cls(state["num_negatives"], MiningRule(**state["rule"]),

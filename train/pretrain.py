@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.args import ROOT, add_stream_args, base_parser, stream_options
+from train.args import ROOT, add_stream_args, base_parser, run_config, stream_options
 from train.checkpoint import Checkpoints
 from train.data import DataError, PairStream, rank_slice
 from train.encoding import Tokenized, allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
@@ -96,12 +96,13 @@ def main(argv=None) -> None:
     passage_prompt = args.passage_prompt if args.passage_prompt is not None else model.prompts.get("passage", "")
 
     # --- engine, resumed state
-    engine, scheduler = build_engine(model, args, args.batch_size, world, total_steps)
+    config = run_config(args)
+    engine, scheduler = build_engine(model, config, args.batch_size, world, total_steps)
     checkpoints = Checkpoints(Path(args.output_dir), args.checkpoint_storage, args.keep,
                               shape={"global_batch": args.batch_size * world})
     client = checkpoints.resume(engine, args.resume, args.seed)
     position = saved_position(client)  # where in the data: epoch, and block and batch within it
-    run = Run(engine, scheduler, args, total_steps, metrics=["infonce"], desc="pretrain", checkpoints=checkpoints,
+    run = Run(engine, scheduler, config, total_steps, metrics=["infonce"], desc="pretrain", checkpoints=checkpoints,
               client=client)
     loss_fn = InfoNCELoss(args.temperature)
     run.say(f"pre-training {model_source} on {stream.num_lines} lines from {len(stream.paths)} files, "
@@ -159,7 +160,9 @@ def main(argv=None) -> None:
     final = run.export(client_state(), embed=embed,
                        probe_texts=probe_texts or ["导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=query_prompt, rebuild=rebuild, prompts=prompts)
-    run.report_false_negatives(loss_fn.excluded)
+    false_negatives = run.report_false_negatives(loss_fn.excluded)
+    run.finish(examples=run.step * args.batch_size * world, false_negatives=false_negatives,
+               skipped_lines=stream.skipped.total, release=str(final))
     if run.is_main:
         report_data(stream)
         print(f"done: {run.step} steps; model saved to {final}")
