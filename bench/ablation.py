@@ -45,11 +45,12 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 from bench.ablation_data import QUICK, Budget, dev_tasks, mine, read_jsonl, split_data, task_config
 from bench.ablation_report import plot, table, write_doc
 from bench import launch
 from bench.base_model import base_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ROWS = {
     "base": "base model",
@@ -181,7 +182,7 @@ def train_sentence_transformers(row: str, out: Path, data_dir: Path, base: str, 
 def merge_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, source: dict) -> dict:
     """Row f: the merge weight that eval/merge_sweep.py's rule picks on the tune split, then that merge."""
     from eval.merge_sweep import sweep
-    from train.merge import merge_release
+    from train.run.merge import merge_release
     start = time.perf_counter()
     tune = sweep(source["model"], base, dev_tasks(data_dir, "tune"), b.merge_weights, b.max_drop, b.eval_batch,
                  out / "tune")

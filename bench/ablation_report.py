@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 from eval.merge_sweep import average, worst_drop
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DOC_BEGIN, DOC_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 DOC = ROOT / "docs/ablation.md"

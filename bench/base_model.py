@@ -12,7 +12,7 @@ TINY = dict(hidden=32, layers=2, heads=2, intermediate=64, max_length=64, poolin
 
 def base_model(model: str | None, quick: bool, out: Path) -> str:
     """A local path or hub id to load; the tiny model is built once into `out`."""
-    from train.model import DEFAULT_MODEL, resolve_model
+    from train.models.model import DEFAULT_MODEL, resolve_model
     if model:
         return resolve_model(model)[0]
     if quick:

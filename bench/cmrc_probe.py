@@ -23,9 +23,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 from bench.ablation import train_ours
 from bench.ablation_data import Budget, read_jsonl, read_qrels, write_beir
+
+ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {"d_len256": {"max_length": 256}, "d_lr1e-5": {"lr": 1e-5}}
 

@@ -46,7 +46,7 @@ def write_corpus(folder: Path, lines: int, per_file: int) -> list[Path]:
 
 
 def stream(files: list[Path]):
-    from train.data import PairStream
+    from train.input.data import PairStream
     return PairStream(files, global_batch=BATCH)
 
 
@@ -56,7 +56,7 @@ def peak_mb() -> float:
 
 def measure(what: str, folder: Path, position_file: Path) -> dict:
     """One measure, in this (fresh) process."""
-    import train.data  # noqa: F401  (imports are not the stream's cost)
+    import train.input.data  # noqa: F401  (imports are not the stream's cost)
     files = sorted(folder.glob("*.jsonl"))
     start = time.perf_counter()
     s = stream(files)

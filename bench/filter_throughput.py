@@ -15,12 +15,12 @@ import statistics
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 import numpy as np
 
 from data_prep.filter_pairs import Scorer
-from train.model import DEFAULT_MODEL
+from train.models.model import DEFAULT_MODEL
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def plain_loop(model, queries, passages, qp, pp, batch: int = 32) -> np.ndarray:

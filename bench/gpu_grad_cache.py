@@ -15,12 +15,12 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 from sentence_transformers import SentenceTransformer
 
-from train.cluster import bind_device
-from train.ds_config import build_optimizer, load_ds_config
-from train.encoding import encode_tokenized, tokenize_groups
-from train.grad_cache import GradCache
+from train.run.cluster import bind_device
+from train.run.ds_config import build_optimizer, load_ds_config
+from train.step.encoding import encode_tokenized, tokenize_groups
+from train.step.grad_cache import GradCache
 from train.losses import InfoNCELoss
-from train.model import set_pooling
+from train.models.model import set_pooling
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS, MINI_BATCH = 16, 4

@@ -25,9 +25,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 from bench.ablation_data import QUICK, Budget, dev_tasks
 from eval.merge_sweep import average, choose_weight, worst_drop
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TRAINERS = {"a": "sentence-transformers trainer", "f": "ours, CBB + mining, merged (LM-Cocktail)"}
 

@@ -20,10 +20,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 from bench.ablation import evaluate_row
 from bench.ablation_data import Budget, split_data
 from bench.base_model import base_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pretraining_texts() -> set[str]:

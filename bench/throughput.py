@@ -51,9 +51,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 from bench import launch
 from bench.base_model import LARGE, TINY, base_model, matmul_parameters, random_model
+
+ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data/demo/finetune"
 ROWS = ["st", "random", "cbb", "cbb_every", "cbb_zero2", "cbb_mining", "cbb_cache"]
 LARGE_ROWS = ["large", "large_cache", "large_32k"]
@@ -263,7 +264,8 @@ def table(results: dict, machine: str) -> str:
     for row, r in results.items():
         rate = r["examples"] / r["seconds"]
         ratio = f"{rate / (peer['examples'] / peer['seconds']):.2f}x" if peer else ""
-        share = lambda key: f"{100 * r[key]:.1f}%" if key in r else ""  # noqa: E731
+        def share(key: str, r: dict = r) -> str:
+            return f"{100 * r[key]:.1f}%" if key in r else ""
         spread = f" ({min(r['seconds_all']):.0f}–{max(r['seconds_all']):.0f})" if len(r.get("seconds_all", [])) > 1 else ""
         lines.append(f"| {row} | {r['examples']} | {r['steps']} | {r['seconds']:.0f}{spread} | {rate:.2f} | "
                      f"{r['tokens'] / r['seconds']:,.0f} | {ratio} | {r['peak_rss_mb']:.0f} | "

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     p.add_argument("--dir", default=None, help="where to write the corpus (default: a temp folder)")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
-    from train.validation import validate
+    from train.run.validation import validate
     folder = Path(args.dir or tempfile.mkdtemp(prefix="validate_speed_"))
     path = folder / "pairs.jsonl"
     start = time.perf_counter()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-from train.records import DataError, json_object, text_field, text_list
+from train.input.records import DataError, json_object, text_field, text_list
 
 BINS = np.linspace(-1.0, 1.0, 41)
 
@@ -65,7 +65,7 @@ class Scorer:
                  query_prompt: str | None, passage_prompt: str | None):
         from sentence_transformers import SentenceTransformer
 
-        from train.model import resolve_model
+        from train.models.model import resolve_model
         source, local_only = resolve_model(model_name)
         self.model = SentenceTransformer(source, device=devices[0] if devices else None, local_files_only=local_only)
         self.query_prompt = self.model.prompts.get("query", "") if query_prompt is None else query_prompt

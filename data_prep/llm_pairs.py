@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 
-from train.data import DataError
+from train.input.data import DataError
 
 USER, ASSISTANT = {"human", "user"}, {"gpt", "assistant", "bot", "model"}
 

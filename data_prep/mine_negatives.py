@@ -14,7 +14,7 @@ The corpus is encoded and searched chunk by chunk (--chunk-size texts at a time)
 top-K per query, so the corpus embeddings never need to fit in memory at once.
 Output lines: {"query", "pos", "neg", "neg_scores", "neg_pool", "neg_pool_scores"}; `neg` is kept when
 the input has one, otherwise the first --num-negatives of the pool. The scores (cosine with the query
-under --model) are the S0 that dynamic mining compares the training scores with (train/mining.py).
+under --model) are the S0 that dynamic mining compares the training scores with (train/step/mining.py).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 
-from train.records import DataError, parse_record, read_examples
+from train.input.records import DataError, parse_record, read_examples
 
 
 def normalize_text(text: str) -> str:
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
 
     from sentence_transformers import SentenceTransformer
 
-    from train.model import resolve_model
+    from train.models.model import resolve_model
     try:
         rows = read_retrieval(Path(args.input))
         corpus = corpus_texts(rows, Path(args.corpus) if args.corpus else None)

@@ -5,7 +5,7 @@
     python data_prep/validate.py --data-config my_tasks.yaml             # every task's files, by task type
     deepspeed train/pretrain.py --validate-data ...                      # the same, before the model loads
 
-Each line is parsed by the very code the training loop uses (train/data.py, train/finetune_data.py),
+Each line is parsed by the very code the training loop uses (train/input/data.py, train/kinds/task_data.py),
 so a line that passes here is a line training accepts. Files are cut into byte ranges (--chunk-mb)
 aligned to line starts and checked by --workers processes; line numbers are recovered from the
 per-chunk line counts, so every bad line is reported as file:line (1-based, blank lines counted, as
@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.validation import KINDS, Report, validate
+from train.run.validation import KINDS, Report, validate
 
 
 def expand(paths: list[str]) -> list[Path]:
@@ -35,7 +35,7 @@ def expand(paths: list[str]) -> list[Path]:
 
 
 def files_of_config(config_path: str) -> list[tuple[Path, str, int]]:
-    from train.tasks import ConfigError, load_data_config
+    from train.kinds.tasks import ConfigError, load_data_config
     try:
         config = load_data_config(config_path)
     except ConfigError as e:

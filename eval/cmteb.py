@@ -159,6 +159,11 @@ def evaluate(model, tasks: list, dims: list[int | None], batch_size: int, name: 
     return scores
 
 
+def eval_split(task) -> str:
+    """The split a task is scored on (mteb's first eval split; C-MTEB: test, dev or validation)."""
+    return task.metadata.eval_splits[0]
+
+
 def results_table(scores: dict[int | None, dict[str, float]], types: dict[str, str]) -> str:
     """Markdown: one row per task (grouped by type), one column per dimension; type and overall averages."""
     dims = list(scores)
@@ -182,9 +187,9 @@ def main(argv=None) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from eval.local_tasks import LocalDataError
-    from train.release import replace_eval_table
+    from train.run.release import add_model_index, replace_eval_table
 
-    from train.model import resolve_model
+    from train.models.model import resolve_model
     model_path = Path(args.model)
     source, local_only = resolve_model(args.model)  # a clear message for a missing folder, quick when offline
     try:
@@ -213,7 +218,10 @@ def main(argv=None) -> dict:
         if not card.is_file():
             raise SystemExit(f"--update-card: {card} does not exist")
         replace_eval_table(card, f"Evaluated with `eval/cmteb.py` (mteb {mteb.__version__}); scores x 100.\n\n{table}")
-        print(f"updated {card}")
+        full = dims[0] if None in dims or len(dims) == 1 else max(dims)  # model-index: the model as released
+        entries = add_model_index(card, model_path.name, [(t, scores[full][t.metadata.name], eval_split(t))
+                                                          for t in tasks if t.metadata.name in scores[full]])
+        print(f"updated {card} (table and {entries} model-index entries)")
     return scores
 
 

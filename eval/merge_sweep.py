@@ -3,7 +3,7 @@
     python eval/merge_sweep.py --model output/finetune/final_unmerged --base intfloat/multilingual-e5-small \
         --local sts:my_dev/sts.jsonl --local retrieval:my_dev/passages --output output/finetune/merged
 
-Fine-tuning gains in domain and loses elsewhere; merging with the base (train/merge.py,
+Fine-tuning gains in domain and loses elsewhere; merging with the base (train/run/merge.py,
 w x fine-tuned + (1 - w) x base) gives back some of both. Which w is right depends on the data, so
 this script scores the base and the merge at every weight of --weights on the --local sets
 (eval/cmteb.py, in memory, one model at a time) and writes the merge that the rule picks:
@@ -46,8 +46,8 @@ def sweep(model_dir: str | Path, base: str, tasks: list, weights: tuple[float, .
     import torch
 
     from eval.cmteb import evaluate
-    from train.merge import merge_weights
-    from train.model import open_sentence_transformer, resolve_model
+    from train.run.merge import merge_weights
+    from train.models.model import open_sentence_transformer, resolve_model
     source, local_only = resolve_model(base)
     base_model = open_sentence_transformer(source, local_only)
     model = open_sentence_transformer(str(model_dir), local_only=True)
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from eval.local_tasks import LocalDataError, local_task
-    from train.merge import merge_release
+    from train.run.merge import merge_release
     try:
         weights = tuple(float(w) for w in args.weights.split(","))
     except ValueError:

@@ -10,8 +10,8 @@ from sentence_transformers import SentenceTransformer
 
 from tests.conftest import ROOT, launch
 from tests.workers.cbb_step import ARGS
-from train.finetune_data import task_stream
-from train.tasks import load_data_config
+from train.kinds.task_data import task_stream
+from train.kinds.tasks import load_data_config
 
 DEMO = ROOT / "data/demo/finetune"
 BETA = 0.8

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from train.data import DataError, PairStream, rank_slice
+from train.input.data import DataError, PairStream, rank_slice
 
 DEMO = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
 
@@ -121,7 +121,7 @@ def test_length_grouping_cuts_padding():
     ({"neg_pool": ["c"], "neg_pool_scores": ["high"]}, "'neg_pool_scores' must be a list of numbers"),
 ])
 def test_mining_scores_must_match_their_texts(extra, message):
-    from train.records import parse_record
+    from train.input.records import parse_record
     line = json.dumps({"query": "q", "pos": ["p"], "neg": ["a", "b"], **extra})
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_record(line, 2)
@@ -132,7 +132,7 @@ def test_mining_scores_must_match_their_texts(extra, message):
 def test_shard_index_counts_every_line_once_at_any_cut(tmp_path):
     """Byte ranges own the lines that start in them: checked against a brute-force count on random
     files, with cuts and read chunks that fall anywhere (inside lines, on newlines, at the end)."""
-    from train.data import index_shards
+    from train.input.data import index_shards
     rng = random.Random(0)
     for _ in range(200):
         data = "\n".join("x" * rng.randint(0, 7) for _ in range(rng.randint(0, 30)))
@@ -223,7 +223,7 @@ def test_resume_from_any_position_reads_only_what_is_left(tmp_path):
 
 
 def test_prefetch_gives_the_same_batches_and_positions_and_the_error_in_its_place(tmp_path):
-    from train.prefetch import prefetched
+    from train.input.prefetch import prefetched
     rows = [json.dumps({"query": f"问题{i}", "pos": f"答案{i}" * (i % 7 + 1)}, ensure_ascii=False) for i in range(200)]
     path = write(tmp_path / "p.jsonl", rows[:150] + ["{oops"] + rows[150:])
     options = dict(global_batch=4, shard_bytes=512, open_shards=2, shuffle_buffer=40)
@@ -248,9 +248,9 @@ def test_shared_index_reads_each_file_once_per_run_and_equals_a_fresh_index(tmp_
     a one-process gloo group; the 2-rank training tests go through the same function."""
     import torch.distributed as dist
 
-    import train.data
-    from train.data import index_shards
-    from train.rank_zero_data import shared_index
+    import train.input.data
+    from train.input.data import index_shards
+    from train.run.rank_zero_data import shared_index
     path = topic_file(tmp_path / "t.jsonl", topics=3, per_topic=50)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

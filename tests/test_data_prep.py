@@ -10,7 +10,7 @@ from sentence_transformers import SentenceTransformer
 
 from data_prep.llm_pairs import convert
 from tests.conftest import ROOT, SHARED
-from train.data import DataError
+from train.input.data import DataError
 
 LLM = SHARED / "llm-zh"
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from train.ds_config import load_ds_config
+from train.run.ds_config import load_ds_config
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
@@ -44,7 +44,7 @@ def test_cpu_optimizer_is_deepspeeds_and_makes_torchs_adamw_update():
     take the same steps as torch's AdamW, per parameter group and learning rate."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from train.ds_config import build_optimizer
+    from train.run.ds_config import build_optimizer
     torch.manual_seed(0)
     ours, ref = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
     ref.load_state_dict(ours.state_dict())

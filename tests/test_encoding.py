@@ -9,7 +9,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import ROOT
-from train.encoding import encode_groups, length_buckets
+from train.step.encoding import encode_groups, length_buckets
 
 
 def padded(lengths, groups) -> int:
@@ -53,9 +53,9 @@ def test_bucketed_forwards_equal_encoding_each_group(tiny_model):
 
 def test_two_buckets_pad_less_than_one_forward_per_text_kind(tiny_model):
     """The demo tasks on 1 rank (all three tasks in one step), 10 steps: padded tokens of the model's input."""
-    from train.finetune_data import task_stream
-    from train.multitask import task_texts
-    from train.tasks import assign_ranks, load_data_config
+    from train.kinds.task_data import task_stream
+    from train.kinds.multitask import task_texts
+    from train.kinds.tasks import assign_ranks, load_data_config
     model = SentenceTransformer(str(tiny_model), device="cpu")
     config = load_data_config(ROOT / "data/demo/finetune/tasks.yaml")
     assign_ranks(config.tasks, 1)

@@ -165,6 +165,13 @@ def test_card_update_is_idempotent(tiny_model, sts_file, tmp_path):
     cmteb.main(args)
     assert (model / "README.md").read_text() == once
     assert once.count("eval-table:start") == 1 and "local-sts-sts" in once
+    # the scores are the card's model-index metadata too, as MTEB results are on the Hub
+    from huggingface_hub import ModelCard
+    results = ModelCard.load(model / "README.md").data.eval_results
+    scored = json.loads(next((model / "eval/results").rglob("local-sts-sts.json")).read_text())
+    main = next(iter(scored["scores"].values()))[0]["main_score"]
+    assert [(r.task_type, r.dataset_name, r.metric_type) for r in results] == [("STS", "MTEB local-sts-sts", "cosine_spearman")]
+    assert results[0].metric_value == pytest.approx(100 * main, abs=1e-3)
 
 
 @pytest.mark.parametrize("argv, message", [

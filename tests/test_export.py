@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import ROOT, deepspeed_launch
-from train.checkpoint import latest_checkpoint
-from train.export import check_export
+from train.run.checkpoint import latest_checkpoint
+from train.run.export import check_export
 
 PRETRAIN = ROOT / "train/pretrain.py"
 DATA = str(ROOT / "data/demo/pretrain/question_pairs.jsonl")

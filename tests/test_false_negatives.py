@@ -17,8 +17,8 @@ from tests.conftest import ROOT, SHARED, deepspeed_launch
 from train.losses import InfoNCELoss
 from train.losses.cbb import retrieval_cbb
 from train.losses.infonce import false_negatives
-from train.records import pair_maker
-from train.text_ids import retrieval_ids, text_ids
+from train.input.records import pair_maker
+from train.losses.text_ids import retrieval_ids, text_ids
 
 TEMPERATURE = 0.05
 
@@ -118,7 +118,7 @@ def test_every_listed_positive_counts_not_only_the_one_trained_on():
 
 def test_text_ids_do_not_depend_on_the_process_hash_seed():
     texts = ["如何训练中文向量模型？", "passage: 一架飞机正在起飞。", ""]
-    code = "import json,sys; from train.text_ids import text_ids; print(json.dumps(text_ids(json.loads(sys.argv[1])).tolist()))"
+    code = "import json,sys; from train.losses.text_ids import text_ids; print(json.dumps(text_ids(json.loads(sys.argv[1])).tolist()))"
     outs = [subprocess.run([sys.executable, "-c", code, json.dumps(texts)], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}, check=True).stdout
             for seed in ("1", "2")]

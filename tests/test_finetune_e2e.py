@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import ROOT, deepspeed_launch
-from train.release import EVAL_END, EVAL_START, replace_eval_table
+from train.run.release import EVAL_END, EVAL_START, replace_eval_table
 
 FINETUNE = ROOT / "train/finetune.py"
 
@@ -66,7 +66,7 @@ def test_a_fine_tuned_model_fine_tunes_again_with_the_default_flags(tiny_model, 
 
 
 def test_an_expansion_width_other_than_the_models_is_refused(tiny_model, tmp_path):
-    from train.model import add_expansion_layer, with_expansion
+    from train.models.model import add_expansion_layer, with_expansion
     expanded = add_expansion_layer(SentenceTransformer(str(tiny_model), device="cpu"), 48)
     for flag in ("auto", "48", "0"):
         model, added, what = with_expansion(expanded, flag)
@@ -80,7 +80,7 @@ def test_expansion_layer_starts_from_the_base_geometry(tiny_model):
     old ones' scale (not ~0, which left them unused) and the full-width cosine starts near the base's."""
     import torch.nn.functional as F
     from bench.tiny_model import demo_texts
-    from train.model import add_expansion_layer
+    from train.models.model import add_expansion_layer
     texts = demo_texts()[:40]
     base = F.normalize(SentenceTransformer(str(tiny_model), device="cpu").encode(texts, convert_to_tensor=True), dim=-1)
     wide = add_expansion_layer(SentenceTransformer(str(tiny_model), device="cpu"), 56).encode(texts, convert_to_tensor=True)
@@ -92,7 +92,7 @@ def test_expansion_layer_starts_from_the_base_geometry(tiny_model):
 
 
 def test_expansion_layer_has_a_learning_rate_of_its_own(tiny_model):
-    from train.model import add_expansion_layer, parameter_groups
+    from train.models.model import add_expansion_layer, parameter_groups
     model = add_expansion_layer(SentenceTransformer(str(tiny_model), device="cpu"), 48)
     encoder, head = parameter_groups(model, 1e-5, 1e-3)
     assert (encoder["lr"], head["lr"]) == (1e-5, 1e-3) and [p.shape for p in head["params"]] == [(48, 32), (48,)]

@@ -1,5 +1,5 @@
-"""GradCache (train/grad_cache.py): the same step as without it, on 2 ranks under ZeRO 1/2/3, with the
-activation memory of one mini-batch; and sparse embedding gradients (train/model.py): the same step
+"""GradCache (train/step/grad_cache.py): the same step as without it, on 2 ranks under ZeRO 1/2/3, with the
+activation memory of one mini-batch; and sparse embedding gradients (train/models/model.py): the same step
 as dense ones under ZeRO 0-3, with and without GradCache."""
 import json
 
@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import ROOT, launch
 from tests.test_cbb import RETRIEVAL, STS, write_config
-from train.encoding import merge_features, tokenize_groups
-from train.grad_cache import GradCache
+from train.step.encoding import merge_features, tokenize_groups
+from train.step.grad_cache import GradCache
 from train.losses import InfoNCELoss
 
 MINI_BATCH = 3
@@ -116,8 +116,8 @@ def test_sparse_embedding_gradients_match_dense_ones_step_after_step(tiny_model,
     turns float-rounding noise in a near-zero gradient into a whole learning-rate step."""
     from sentence_transformers import SentenceTransformer
 
-    from train.encoding import encode_groups
-    from train.model import densify_embedding_gradients, sparse_embedding_gradients
+    from train.step.encoding import encode_groups
+    from train.models.model import densify_embedding_gradients, sparse_embedding_gradients
     texts = [["短", "一个稍长一点的句子", "第三个句子，比前两个都长得多，用来分桶"], ["另一组", "长度不一的文本，看看怎样"]]
     runs = []
     for sparse in (False, True):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from tests.conftest import ROOT, deepspeed_launch
 from train import cluster
-from train.prefetch import Prefetch, PrefetchError
+from train.input.prefetch import Prefetch, PrefetchError
 
 PRETRAIN = ROOT / "train/pretrain.py"
 
@@ -151,5 +151,5 @@ def test_an_input_failure_on_one_rank_stops_every_rank_with_the_steps_trained_sa
     assert text.count("input error on rank 1: MemoryError: injected: out of memory while tokenizing") == 2, text[-3000:]
     assert text.count("saved step 5; continue with --resume auto") == 2 and "--skip-bad-lines" not in text
     assert "Traceback" not in text
-    from train.checkpoint import latest_checkpoint
+    from train.run.checkpoint import latest_checkpoint
     assert latest_checkpoint(out / "checkpoints") == "step5"

@@ -6,7 +6,7 @@ import torch
 
 from tests.conftest import ROOT
 from train.kinds.classification import ClassificationStream, parse_labelled
-from train.data import pair_length
+from train.input.data import pair_length
 from train.losses.classification import classification
 from train.losses.cosent import CoSENTLoss, cosent
 from train.losses.matryoshka import matryoshka

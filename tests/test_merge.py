@@ -1,10 +1,10 @@
-"""train/merge.py: LM-Cocktail's weighted average of a fine-tuned model and its base."""
+"""train/run/merge.py: LM-Cocktail's weighted average of a fine-tuned model and its base."""
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from train.merge import main as merge_main, merge_weights
-from train.model import add_expansion_layer, expansion_layer
+from train.run.merge import main as merge_main, merge_weights
+from train.models.model import add_expansion_layer, expansion_layer
 
 
 def fine_tuned_copy(base_dir, out_dir):

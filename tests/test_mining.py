@@ -10,7 +10,7 @@ from sentence_transformers import SentenceTransformer
 
 from tests.conftest import ROOT, SHARED, deepspeed_launch
 from data_prep.mine_negatives import build_pools, normalize_text
-from train.mining import HardNegativeMiner, MiningRule
+from train.step.mining import HardNegativeMiner, MiningRule
 
 POOL = [f"p{i}" for i in range(30)]
 INITIAL = ["i0", "i1"]
@@ -82,7 +82,7 @@ def test_state_round_trips():
 def test_replaced_negatives_are_trained_on_at_the_very_next_visit(tmp_path):
     """One visit per epoch, the real stream over a mined file: negatives the model has learned to push
     away in epoch 1 are replaced for epoch 2, and epoch 2's batches carry the new slice."""
-    from train.data import PairStream
+    from train.input.data import PairStream
     rows = [{"query": f"问题{i}", "pos": [f"答案{i}"], "neg": [f"负例{i}a", f"负例{i}b"], "neg_scores": [0.6, 0.5],
              "neg_pool": [f"候选{i}-{k}" for k in range(30)], "neg_pool_scores": [0.9 - k / 100 for k in range(30)]}
             for i in range(24)]

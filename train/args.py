@@ -33,15 +33,15 @@ def add_model_args(g) -> None:
 
 
 def add_training_args(g) -> None:
-    g.add_argument("--output-dir", default="output/run")
+    g.add_argument("--output-dir", default="output/run", help="checkpoints, logs, summary.json and the release (final/)")
     g.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs/zero0.json"),
                    help="default: plain data parallel (a model of e5/BGE size fits on every device); "
                         "ds_configs/zero1-3 for bigger models")
-    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--epochs", type=int, default=1, help="passes over the data (pre-training; fine-tuning: of its largest task)")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: whole epochs)")
-    g.add_argument("--lr", type=float, default=2e-5)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-ratio", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW; linear warmup and decay)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup-ratio", type=float, default=0.05, help="share of the steps the learning rate warms up over")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="fills gradient_clipping: auto")
     g.add_argument("--temperature", type=float, default=0.02,
                    help="InfoNCE temperature (default 0.02, BGE's and the paper's); a base trained at another may "
@@ -54,8 +54,8 @@ def add_training_args(g) -> None:
     g.add_argument("--mini-batch", type=int, default=0,
                    help="GradCache: encode in mini-batches of this many texts and take the loss on the whole "
                         "cached batch, so the batch is bounded by time, not activation memory (0: off)")
-    g.add_argument("--log-steps", type=int, default=10)
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--log-steps", type=int, default=10, help="steps between logged means (console bar, TensorBoard in OUTPUT_DIR/runs)")
+    g.add_argument("--seed", type=int, default=42, help="data order, negative sampling, dropout, the expansion layer's start")
 
 
 def add_reliability_args(g) -> None:
@@ -63,10 +63,10 @@ def add_reliability_args(g) -> None:
     g.add_argument("--validate-data", action="store_true",
                    help="check every line of the training data in parallel before the model loads "
                         "(data_prep/validate.py): a bad line stops the run at step 0, not hours in")
-    g.add_argument("--save-steps", type=int, default=500)
+    g.add_argument("--save-steps", type=int, default=500, help="steps between checkpoints")
     g.add_argument("--checkpoint-storage", default="shared", choices=["shared", "node-local"],
                    help="shared: OUTPUT_DIR is one filesystem on every node; node-local: each node has its own disk "
-                        "(each node's first rank writes what its node reads back; train/checkpoint.py)")
+                        "(each node's first rank writes what its node reads back; train/run/checkpoint.py)")
     g.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the output dir) or a checkpoint dir")
     g.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep (0: all)")
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many NaN/Inf losses in a row")
@@ -139,7 +139,7 @@ class ReliabilityConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What train/runner.py, checkpoints and the export read of a run's flags."""
+    """What train/run/runner.py, checkpoints and the export read of a run's flags."""
     model: ModelConfig
     training: TrainingConfig
     reliability: ReliabilityConfig
@@ -151,3 +151,24 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     def pick(cls):
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
     return RunConfig(pick(ModelConfig), pick(TrainingConfig), pick(ReliabilityConfig), getattr(args, "prefetch", 4))
+
+
+def flags_markdown(parser: argparse.ArgumentParser, title: str) -> str:
+    """Every flag of a script, grouped as --help prints them, as Markdown (docs/flags.md is made from this:
+    the flag tables come from the argument help, never a second hand-written copy)."""
+    lines = [f"## {title}", ""]
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.help != argparse.SUPPRESS and a.option_strings
+                   and a.dest != "help"]
+        if not actions:
+            continue
+        lines += [f"**{group.title}**", "", "| flag | default | meaning |", "|---|---|---|"]
+        for a in actions:
+            flag = ", ".join(f"`{o}`" for o in a.option_strings)
+            default = "" if a.default in (None, argparse.SUPPRESS) or isinstance(a, argparse._StoreTrueAction) \
+                else f"`{str(a.default).replace(str(ROOT) + '/', '')}`"  # the repo's own files, relative
+            choices = f" (one of {', '.join(map(str, a.choices))})" if a.choices else ""
+            text = (a.help or "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {flag} | {default} | {text}{choices} |")
+        lines.append("")
+    return "\n".join(lines)

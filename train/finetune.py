@@ -4,12 +4,14 @@
     deepspeed --num_gpus 5 train/finetune.py --data-config my_tasks.yaml --model output/pretrain/final \
         --expand-dim 1792 --mrl-dims 256,512,768,1024,1280,1536,1792
 
-Every step holds every task (train/tasks.py maps ranks to tasks): each rank encodes all of its
+Every step holds every task (train/kinds/tasks.py maps ranks to tasks): each rank encodes all of its
 tasks' texts in one forward, takes each task's loss at every Matryoshka dimension, scales it so
-DeepSpeed's gradient average equals grad(sum_t w_t L_t), and steps (train/multitask.py).
+DeepSpeed's gradient average equals grad(sum_t w_t L_t), and steps (train/kinds/multitask.py).
 `--task-schedule random` is the baseline that trains one random task per step instead.
 """
 from __future__ import annotations
+
+import argparse
 
 import json
 import shutil
@@ -20,31 +22,31 @@ import torch.distributed as dist
 from sentence_transformers import SentenceTransformer
 
 from train.args import ROOT, add_stream_args, base_parser, run_config, stream_options
-from train.checkpoint import Checkpoints
-from train.cluster import from_rank_zero, host_group
-from train.data import DataError
-from train.encoding import allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
-from train.finetune_data import task_batches, task_stream
-from train.merge import merge_release
-from train.mining import HardNegativeMiner, MiningRule, plot_history
-from train.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, load_model, matryoshka_dims,
+from train.run.checkpoint import Checkpoints
+from train.run.cluster import from_rank_zero, host_group
+from train.input.data import DataError
+from train.step.encoding import allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
+from train.kinds.task_data import task_batches, task_stream
+from train.run.merge import merge_release
+from train.step.mining import HardNegativeMiner, MiningRule, plot_history
+from train.models.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, load_model, matryoshka_dims,
                          open_sentence_transformer, set_pooling, with_expansion)
 from train.kinds import LossSettings
-from train.multitask import step_loss, task_groups, tasks_this_step
-from train.prefetch import close_prefetch, prefetched
-from train.rank_zero_data import shared_index, validate_data
-from train.release import push_to_hub, schedule_name, write_model_card
-from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
-from train.tasks import PLACEMENTS, ConfigError, assign_ranks, load_data_config
+from train.kinds.multitask import step_loss, task_groups, tasks_this_step
+from train.input.prefetch import close_prefetch, prefetched
+from train.run.rank_zero_data import shared_index, validate_data
+from train.run.release import push_to_hub, schedule_name, write_model_card
+from train.run.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
+from train.kinds.tasks import PLACEMENTS, ConfigError, assign_ranks, load_data_config
 
 DEMO_CONFIG = ROOT / "data/demo/finetune/tasks.yaml"
 PRETRAINED = ROOT / "output/pretrain/final"
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.split("\n\n")[0])
     data = p.add_argument_group("tasks")
-    data.add_argument("--data-config", default=str(DEMO_CONFIG), help="YAML/JSON task list (train/tasks.py)")
+    data.add_argument("--data-config", default=str(DEMO_CONFIG), help="YAML/JSON task list (train/kinds/tasks.py)")
     data.add_argument("--task-schedule", default="cbb", choices=["cbb", "random"],
                       help="cbb: every task in every step; random: one random task per step (baseline)")
     data.add_argument("--task-placement", default="by-task", choices=PLACEMENTS,
@@ -68,9 +70,16 @@ def parse_args(argv=None):
                    help="release = w x fine-tuned + (1 - w) x the base model (LM-Cocktail; the ablation's best row, "
                         "0.5 chosen on its tune split; eval/merge_sweep.py chooses on your data); "
                         "the unmerged model is kept in OUTPUT_DIR/final_unmerged; 1: no merge")
+    p.add_argument("--hub-model-id", default=None, metavar="REPO",
+                   help="the model's Hub id (user/name): its name in the model card and what the card's usage loads "
+                        "(default: --push-to-hub, else the output folder's name)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the release folder to this Hub repo")
     p.set_defaults(output_dir="output/finetune", lr=1e-5, warmup_ratio=0.1)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def open_tasks(args, world: int):

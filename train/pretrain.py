@@ -6,27 +6,29 @@
 
 The loop: read a global batch, encode this rank's queries and passages, take the gathered InfoNCE
 loss, step, log, checkpoint; at the end, export a sentence-transformers folder. What is not the
-maths (the guarded step, logs, checkpoints, export) is train/runner.py's.
+maths (the guarded step, logs, checkpoints, export) is train/run/runner.py's.
 """
 from __future__ import annotations
+
+import argparse
 
 from pathlib import Path
 
 from train.args import ROOT, add_stream_args, base_parser, run_config, stream_options
-from train.checkpoint import Checkpoints
-from train.data import DataError, PairStream, rank_slice
-from train.encoding import Tokenized, allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
+from train.run.checkpoint import Checkpoints
+from train.input.data import DataError, PairStream, rank_slice
+from train.step.encoding import Tokenized, allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.losses import InfoNCELoss
-from train.model import DEFAULT_MODEL, load_model, open_sentence_transformer, set_pooling
-from train.prefetch import close_prefetch, prefetched
-from train.rank_zero_data import shared_index, validate_data
-from train.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
-from train.text_ids import retrieval_ids
+from train.models.model import DEFAULT_MODEL, load_model, open_sentence_transformer, set_pooling
+from train.input.prefetch import close_prefetch, prefetched
+from train.run.rank_zero_data import shared_index, validate_data
+from train.run.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
+from train.losses.text_ids import retrieval_ids
 
 DEMO_DATA = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.split("\n\n")[0])
     data = p.add_argument_group("data")
     data.add_argument("--train-data", nargs="+", default=[str(p) for p in DEMO_DATA],
@@ -38,7 +40,11 @@ def parse_args(argv=None):
     prompts.add_argument("--query-prompt", default=None, help="default: the model's 'query' prompt (e5: 'query: ')")
     prompts.add_argument("--passage-prompt", default=None, help="default: the model's 'passage' prompt")
     p.set_defaults(model=DEFAULT_MODEL, output_dir="output/pretrain", lr=2e-5, warmup_ratio=0.05)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def expand_files(items: list[str]) -> list[Path]:

@@ -7,7 +7,7 @@ The reference is the same bf16 computation (the same model in bf16, the same Gra
 with each mini-batch's gradient added into fp32 by hand: what is left between it and a DeepSpeed
 engine is the accumulation alone. Cases, from the same weights and texts, one InfoNCE loss:
   bf16_accum:  ds_configs/zero0.json in bf16 as DeepSpeed runs it, gradients summed in bf16
-               (what train/ds_config.py gave before it asked for fp32 accumulation)
+               (what train/run/ds_config.py gave before it asked for fp32 accumulation)
   shipped:     load_ds_config(..., mini_batch=M), as the training scripts call it
 Writes {case: relative L2 distance of the whole gradient from the reference}.
 """
@@ -21,9 +21,9 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 from sentence_transformers import SentenceTransformer
 
-from train.ds_config import build_optimizer, load_ds_config
-from train.encoding import tokenize_groups
-from train.grad_cache import GradCache
+from train.run.ds_config import build_optimizer, load_ds_config
+from train.step.encoding import tokenize_groups
+from train.step.grad_cache import GradCache
 from train.losses import InfoNCELoss
 
 ROOT = Path(__file__).resolve().parents[2]

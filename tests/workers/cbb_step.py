@@ -15,12 +15,12 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from sentence_transformers import SentenceTransformer
 
-from train.ds_config import load_ds_config
-from train.encoding import encode_groups
-from train.finetune_data import task_stream
+from train.run.ds_config import load_ds_config
+from train.step.encoding import encode_groups
+from train.kinds.task_data import task_stream
 from train.kinds import LossSettings
-from train.multitask import step_loss, task_groups, tasks_this_step
-from train.tasks import assign_ranks, load_data_config
+from train.kinds.multitask import step_loss, task_groups, tasks_this_step
+from train.kinds.tasks import assign_ranks, load_data_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = Namespace(temperature=0.05, cosent_scale=20.0, seed=42)

@@ -8,7 +8,7 @@ Adam's first step would normalise away):
   cbb:      the tasks of TASKS_JSON through train.multitask.step_loss (CBB scaling, Matryoshka dims),
             ranks holding different tasks and so different numbers of texts
 and the cbb case again under ZeRO 0-3, with and without GradCache, with sparse embedding gradients
-(train/runner.py's use_sparse_embedding_gradients, as its build_engine calls it), against the dense step;
+(train/run/runner.py's use_sparse_embedding_gradients, as its build_engine calls it), against the dense step;
 and the memory case: pre-training at a global batch of 1,024 pairs with GradCache (mini-batches of
 32 texts) against 2 x 32 pairs per rank without, measured as the peak bytes of tensors held for backward.
 """
@@ -22,17 +22,17 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from sentence_transformers import SentenceTransformer
 
-from train.data import PairStream, rank_slice
-from train.ds_config import load_ds_config
-from train.encoding import encode_tokenized, tokenize_groups
-from train.finetune_data import task_stream
-from train.grad_cache import GradCache
+from train.input.data import PairStream, rank_slice
+from train.run.ds_config import load_ds_config
+from train.step.encoding import encode_tokenized, tokenize_groups
+from train.kinds.task_data import task_stream
+from train.step.grad_cache import GradCache
 from train.losses import InfoNCELoss
-from train.model import densify_embedding_gradients
+from train.models.model import densify_embedding_gradients
 from train.kinds import LossSettings
-from train.multitask import step_loss, task_groups, tasks_this_step
-from train.runner import use_sparse_embedding_gradients
-from train.tasks import assign_ranks, load_data_config
+from train.kinds.multitask import step_loss, task_groups, tasks_this_step
+from train.run.runner import use_sparse_embedding_gradients
+from train.kinds.tasks import assign_ranks, load_data_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMORY_MINI_BATCH = 32
@@ -78,7 +78,7 @@ class _Holder:
 def engine_for(model_dir: str, stage: int, world: int, sparse: bool = False):
     model = SentenceTransformer(model_dir, device="cpu")
     cfg = load_ds_config(ROOT / f"ds_configs/zero{stage}.json", 1, world, grad_clip=0.0, precision="fp32")
-    if sparse:  # what train/runner.py's build_engine calls
+    if sparse:  # what train/run/runner.py's build_engine calls
         use_sparse_embedding_gradients(model, cfg)
     cfg["zero_allow_untested_optimizer"] = True  # SGD: the test's choice, not the scripts'
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=cfg)
@@ -136,7 +136,7 @@ def one_step(model_dir, stage, case, mini_batch, config_path, rank, world, spars
     (cache.backward if cache else engine.backward)(loss)
     word = model[0].auto_model.get_input_embeddings().weight
     sparse_reduced = word.grad is not None and word.grad.is_sparse
-    densify_embedding_gradients(engine.module)  # as train/runner.py's Run.optimize does
+    densify_embedding_gradients(engine.module)  # as train/run/runner.py's Run.optimize does
     grads = full(engine, safe_get_full_grad)
     engine.step()
     return {"losses": losses, "grads": grads, "weights": full(engine, safe_get_full_fp32_param), "forwards": len(forwards),
@@ -173,7 +173,7 @@ def main() -> None:
             for cached in (0, mini_batch):
                 results[(stage, case, cached)] = one_step(model_dir, stage, case, cached, config_path, rank, world)
     results[(0, "cbb", 0)] = one_step(model_dir, 0, "cbb", 0, config_path, rank, world)
-    for stage in (0, 1, 2, 3):  # sparse embedding gradients (train/model.py), against the dense step above
+    for stage in (0, 1, 2, 3):  # sparse embedding gradients (train/models/model.py), against the dense step above
         for cached in (0, mini_batch):
             results[(stage, "cbb", cached, "sparse")] = one_step(model_dir, stage, "cbb", cached, config_path, rank,
                                                                 world, sparse=True)

@@ -17,11 +17,11 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from sentence_transformers import SentenceTransformer
 
-from train.data import rank_slice
-from train.ds_config import load_ds_config
+from train.input.data import rank_slice
+from train.run.ds_config import load_ds_config
 from train.losses import InfoNCELoss
 from train.losses import infonce
-from train.text_ids import retrieval_ids
+from train.losses.text_ids import retrieval_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 LR, TEMPERATURE, PER_RANK = 1e-3, 0.05, 4

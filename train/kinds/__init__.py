@@ -8,11 +8,11 @@ a rank encodes for a step and its loss (train/kinds/base.py says what each provi
 """
 from __future__ import annotations
 
-from .base import LossSettings, TaskKind, TaskLoss
-from .classification import Classification
-from .pairs import Pairs
-from .retrieval import Retrieval
-from .sts import Sts
+from train.kinds.base import LossSettings, TaskKind, TaskLoss
+from train.kinds.classification import Classification
+from train.kinds.pairs import Pairs
+from train.kinds.retrieval import Retrieval
+from train.kinds.sts import Sts
 
 KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Retrieval(), Sts(), Classification(), Pairs())}
 

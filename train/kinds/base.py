@@ -1,6 +1,6 @@
 """What every task kind of fine-tuning provides (one module per kind beside this one, as
 sentence-transformers has one file per loss): its line format, its stream, the texts a rank encodes
-for a step, and the loss over their embeddings. train/multitask.py loops over a step's tasks and asks
+for a step, and the loss over their embeddings. train/kinds/multitask.py loops over a step's tasks and asks
 each task's kind; a new kind is one new module, registered in train/kinds/__init__.py.
 """
 from __future__ import annotations
@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..encoding import TextGroup
-from ..losses.infonce import TextIds
-from ..text_ids import retrieval_ids
+from train.step.encoding import TextGroup
+from train.losses.infonce import TextIds
+from train.losses.text_ids import retrieval_ids
 
 if TYPE_CHECKING:
-    from ..data import JsonlStream
-    from ..mining import HardNegativeMiner
-    from ..tasks import Task
+    from train.input.data import JsonlStream
+    from train.step.mining import HardNegativeMiner
+    from train.kinds.tasks import Task
 
 
 @dataclass
@@ -47,7 +47,7 @@ class TaskKind:
     needs_negatives: bool = False        # the config must give num_negatives >= 1
     min_batch: int = 1                   # the smallest batch_size its loss is defined for
     shares_queries: bool = False         # under CBB every rank of the task holds all its queries (retrieval)
-    minable: bool = False                # dynamic hard-negative mining applies (train/mining.py)
+    minable: bool = False                # dynamic hard-negative mining applies (train/step/mining.py)
 
     def parser(self, num_negatives: int = 0, sample: bool = True) -> Callable[[str, random.Random, str], object]:
         """line -> example (ValueError with the reason for a bad line): the training loop's own parser,
@@ -73,7 +73,7 @@ class TaskKind:
 
 def own_slice(task: Task, global_batch: list, rank: int) -> list:
     """This rank's contiguous share of a task's global batch (the task's ranks split it evenly)."""
-    from ..data import rank_slice
+    from train.input.data import rank_slice
     return rank_slice(global_batch, task.assigned.index(rank), len(task.assigned))
 
 

@@ -12,11 +12,11 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ..data import JsonlStream, pair_length
-from ..losses.classification import classification
-from ..losses.matryoshka import matryoshka
-from ..records import DataError, Example, json_object, read_examples, text_field
-from .base import LossSettings, TaskKind, TaskLoss, own_slice
+from train.input.data import JsonlStream, pair_length
+from train.losses.classification import classification
+from train.losses.matryoshka import matryoshka
+from train.input.records import DataError, Example, json_object, read_examples, text_field
+from train.kinds.base import LossSettings, TaskKind, TaskLoss, own_slice
 
 
 def parse_labelled(line: str, rng: random.Random, source: str) -> tuple[str, str, str]:

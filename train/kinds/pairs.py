@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from ..data import PairStream
-from ..losses.infonce import false_negatives, gathered_candidates, info_nce
-from ..losses.matryoshka import matryoshka
-from ..records import pair_maker
-from .base import LossSettings, TaskKind, TaskLoss, candidate_ids, count, own_slice
+from train.input.data import PairStream
+from train.losses.infonce import false_negatives, gathered_candidates, info_nce
+from train.losses.matryoshka import matryoshka
+from train.input.records import pair_maker
+from train.kinds.base import LossSettings, TaskKind, TaskLoss, candidate_ids, count, own_slice
 
 
 class Pairs(TaskKind):

@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data import PairStream
-from ..losses.cbb import gather_negatives, retrieval_cbb
-from ..losses.infonce import false_negatives, gathered_candidates, info_nce
-from ..losses.matryoshka import matryoshka
-from ..records import pair_maker
-from .base import LossSettings, TaskKind, TaskLoss, candidate_ids, count, own_slice
+from train.input.data import PairStream
+from train.losses.cbb import gather_negatives, retrieval_cbb
+from train.losses.infonce import false_negatives, gathered_candidates, info_nce
+from train.losses.matryoshka import matryoshka
+from train.input.records import pair_maker
+from train.kinds.base import LossSettings, TaskKind, TaskLoss, candidate_ids, count, own_slice
 
 
 class Retrieval(TaskKind):

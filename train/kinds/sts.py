@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import JsonlStream
-from ..distributed import all_gather_with_grad
-from ..losses.cosent import pair_cosent
-from ..losses.matryoshka import matryoshka
-from ..records import json_object, text_field
-from .base import LossSettings, TaskKind, TaskLoss, own_slice
+from train.input.data import JsonlStream
+from train.losses.distributed import all_gather_with_grad
+from train.losses.cosent import pair_cosent
+from train.losses.matryoshka import matryoshka
+from train.input.records import json_object, text_field
+from train.kinds.base import LossSettings, TaskKind, TaskLoss, own_slice
 
 
 @dataclass

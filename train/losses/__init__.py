@@ -1,3 +1,3 @@
-from .infonce import InfoNCELoss
+from train.losses.infonce import InfoNCELoss
 
 __all__ = ["InfoNCELoss"]

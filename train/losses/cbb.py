@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import all_gather_with_grad
-from .infonce import info_nce
+from train.losses.distributed import all_gather_with_grad
+from train.losses.infonce import info_nce
 
 
 def task_scale(weight: float, world: int, task_ranks: int) -> float:

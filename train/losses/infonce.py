@@ -14,7 +14,7 @@ F_i are the false negatives of q_i: candidates other than its own column whose t
 positives (another query with the same passage, or that passage mined as another query's hard
 negative). Counted as negatives they would push q_i away from its own positive; they are left out
 of the denominator, which is what sentence-transformers' no-duplicates batches achieve by sampling.
-Texts are compared by 64-bit ids (train/text_ids.py), gathered with the candidates.
+Texts are compared by 64-bit ids (train/losses/text_ids.py), gathered with the candidates.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather_ids, all_gather_with_grad, rank
+from train.losses.distributed import all_gather_ids, all_gather_with_grad, rank
 
 
 @dataclass

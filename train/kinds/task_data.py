@@ -7,10 +7,10 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from .data import JsonlStream
-from .kinds import KINDS
-from .records import DataError
-from .tasks import Task
+from train.input.data import JsonlStream
+from train.kinds import KINDS
+from train.input.records import DataError
+from train.kinds.tasks import Task
 
 
 def check_first_line(stream: JsonlStream, task: Task) -> None:

@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .distributed import LOCAL
-from .encoding import TextGroup
-from .kinds import KINDS, LossSettings
-from .losses.cbb import task_scale
-from .mining import HardNegativeMiner
-from .tasks import Task
+from train.losses.distributed import LOCAL
+from train.step.encoding import TextGroup
+from train.kinds import KINDS, LossSettings
+from train.losses.cbb import task_scale
+from train.step.mining import HardNegativeMiner
+from train.kinds.tasks import Task
 
 
 @dataclass

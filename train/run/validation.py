@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from .kinds import KINDS as TASK_KINDS
+from train.kinds import KINDS as TASK_KINDS
 
 KINDS = tuple(TASK_KINDS)  # each kind's line format and parser: train/kinds/
 

@@ -2,7 +2,7 @@
 a background thread.
 
 A thread, not DataLoader worker processes: the stream is one ordered, resumable sequence per rank
-(train/data.py), JSON parsing holds the GIL only between the step's torch calls, and the fast
+(train/input/data.py), JSON parsing holds the GIL only between the step's torch calls, and the fast
 tokenizers release the GIL while they encode, so one thread overlaps nearly all of the input work
 without copying batches between processes.
 """
@@ -12,7 +12,7 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
-from . import fault_injection
+from train import fault_injection
 
 
 class PrefetchError(RuntimeError):

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .kinds import KINDS
+from train.kinds import KINDS
 
 TASK_TYPES = tuple(KINDS)  # each kind's format, loss and default weight: train/kinds/
 
@@ -134,7 +134,7 @@ def load_data_config(path: str | Path) -> DataConfig:
 
 def _mining(where: str, value, task_type: str) -> dict | None:
     """`mining: v1` / `v2` / `off`, or a mapping of MiningRule fields (rule, interval, factor, abs_limit, offset)."""
-    from .mining import MiningRule
+    from train.step.mining import MiningRule
     if value in (None, "off", False):
         return None
     if not KINDS[task_type].minable:

@@ -26,16 +26,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .args import RunConfig
-from .checkpoint import Checkpoints
-from .cluster import agree, bind_device, host_barrier, host_group, local_rank, open_host_group, refuse_unreachable_gloo
-from .distributed import all_reduce_sum
-from .ds_config import build_optimizer, load_ds_config, reduces_sparse_gradients
-from .export import export_release
-from .input_guard import read_or_stop
-from .run_log import RunLog
-from .step_guard import StepGuard
-from .trace import ExampleTrace
+from train.args import RunConfig
+from train.run.checkpoint import Checkpoints
+from train.run.cluster import agree, bind_device, host_barrier, host_group, local_rank, open_host_group, refuse_unreachable_gloo
+from train.losses.distributed import all_reduce_sum
+from train.run.ds_config import build_optimizer, load_ds_config, reduces_sparse_gradients
+from train.run.export import export_release
+from train.run.input_guard import read_or_stop
+from train.run.run_log import RunLog
+from train.run.step_guard import StepGuard
+from train.run.trace import ExampleTrace
 
 
 def set_cpu_threads() -> None:
@@ -57,7 +57,7 @@ def seed_everything(seed: int) -> None:
 
 def start_run(seed: int, timeout_minutes: float = 30) -> tuple[int, int]:
     """CPU threads, this process's device, the process group (DeepSpeed picks nccl or gloo), the
-    host-side gloo group, seeds; returns (rank, world). train/cluster.py says why each is needed.
+    host-side gloo group, seeds; returns (rank, world). train/run/cluster.py says why each is needed.
 
     The timeout bounds how long a collective waits for a rank that died (the launchers also stop
     every rank when one exits, on one node).
@@ -100,10 +100,10 @@ def end_run() -> None:
 
 
 def use_sparse_embedding_gradients(model, ds_config: dict) -> int:
-    """Embedding gradients of the used rows only (train/model.py's sparse_embedding_gradients), made dense
+    """Embedding gradients of the used rows only (train/models/model.py's sparse_embedding_gradients), made dense
     once per backward, or, where this DeepSpeed config all-reduces sparse gradients, after the all-reduce.
     Before deepspeed.initialize: the densifying hook must run before ZeRO's own."""
-    from .model import sparse_embedding_gradients
+    from train.models.model import sparse_embedding_gradients
     return sparse_embedding_gradients(model, dense_on_accumulate=not reduces_sparse_gradients(ds_config))
 
 
@@ -112,7 +112,7 @@ def build_engine(model, config: RunConfig, micro_batch: int, world: int, total_s
     import deepspeed
     from transformers import get_linear_schedule_with_warmup
 
-    from .model import parameter_groups
+    from train.models.model import parameter_groups
     training, dtype = config.training, config.model.model_dtype
     ds_config = load_ds_config(training.deepspeed_config, micro_batch, world, training.max_grad_norm,
                                training.precision, config.reliability.checkpoint_storage, training.mini_batch)
@@ -184,8 +184,8 @@ class Run:
         return True
 
     def grad_cache(self):
-        """GradCache for --mini-batch N, or None when it is off (train/grad_cache.py)."""
-        from .grad_cache import GradCache
+        """GradCache for --mini-batch N, or None when it is off (train/step/grad_cache.py)."""
+        from train.step.grad_cache import GradCache
         n = self.config.training.mini_batch
         return GradCache(self.engine, n, self.engine.device, self.control) if n else None
 

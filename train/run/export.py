@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import fault_injection
-from .cluster import host_group
+from train import fault_injection
+from train.run.cluster import host_group
 
 FP32_TOLERANCE = 1e-4   # fp32 engine vs fp32 export: only summation order differs
 BF16_MARGIN = 4.0       # bf16 engine vs fp32 export: this many times bf16's own error on the probes
@@ -139,7 +139,7 @@ def check_export(final_dir: Path, texts: list[str], prompt: str, engine_emb: tor
     its fp32 master copy, so the tolerance is derived from this model: BF16_MARGIN times the change
     that bf16 arithmetic itself makes to these embeddings. Keeps the evidence in export_check.pt.
     """
-    from .model import open_sentence_transformer
+    from train.models.model import open_sentence_transformer
     exported = open_sentence_transformer(str(final_dir), local_only=True)  # fp32, as the masters it holds
     release_length = exported.max_seq_length
     exported.max_seq_length = train_max_length  # compare like with like; the release keeps its own length

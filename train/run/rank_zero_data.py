@@ -11,17 +11,17 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from . import data
-from .cluster import host_group
-from .data import DataError, Shard
+from train.input import data
+from train.run.cluster import host_group
+from train.input.data import DataError, Shard
 
 
 def validate_data(files: list[tuple[Path, str, int]], skip_bad_lines: bool) -> None:
-    """--validate-data: rank 0 checks every line with all its cores (train/validation.py) before any
+    """--validate-data: rank 0 checks every line with all its cores (train/run/validation.py) before any
     model loads, and every rank gets the verdict: all stop with the same file:line list, or with
     --skip-bad-lines all go on knowing how many lines training will skip. (The other ranks wait in
     the broadcast, within --dist-timeout.)"""
-    from .validation import validate
+    from train.run.validation import validate
     verdict: list = [None]
     if dist.get_rank() == 0:
         report = validate(files)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .distributed import gather_seconds
+from train.losses.distributed import gather_seconds
 
 
 class RunLog:

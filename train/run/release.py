@@ -76,7 +76,7 @@ def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int]
     from huggingface_hub import ModelCard, ModelCardData
 
     config = json.loads((folder / "config_sentence_transformers.json").read_text())
-    repo_id = repo_id or args.get("push_to_hub")
+    repo_id = repo_id or args.get("hub_model_id") or args.get("push_to_hub")
     name = repo_id.split("/")[-1] if repo_id else folder.resolve().parent.name  # OUTPUT_DIR/final -> OUTPUT_DIR
     root = Path(__file__).resolve().parent.parent
     if Path(base_model).is_absolute() and Path(base_model).is_relative_to(root):
@@ -90,7 +90,7 @@ def write_model_card(folder: Path, base_model: str, tasks: list, dims: list[int]
         + (["matryoshka"] if dims else []))
     card = ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE, model_name=name,
-        repo_id=repo_id or str(folder), base_model=base_model,
+        repo_id=repo_id or name, base_model=base_model,  # the id to load it by, never a path of this machine
         query_prompt=prompts.get("query", ""), passage_prompt=prompts.get("passage", ""),
         dims=dims, width=width, expanded=expanded, release_length=release_length, schedule=schedule_name(args), steps=steps,
         world=world, lr=args.get("lr"), temperature=args.get("temperature"),
@@ -116,6 +116,26 @@ def replace_eval_table(card_path: Path, table_markdown: str) -> None:
     head, rest = text.split(EVAL_START, 1)
     _, tail = rest.split(EVAL_END, 1)
     card_path.write_text(f"{head}{EVAL_START}\n{table_markdown.strip()}\n{EVAL_END}{tail}", encoding="utf-8")
+
+
+def add_model_index(card_path: Path, model_name: str, results: list[tuple[object, float, str]]) -> int:
+    """The card's `model-index` metadata, as MTEB results have it on the Hub: one entry per task with its
+    type, dataset (path, split, revision) and main score x 100. `results`: (mteb task, main score, split).
+    Returns the number of entries; re-running replaces them."""
+    from huggingface_hub import EvalResult, ModelCard
+    card = ModelCard.load(card_path)
+    entries = []
+    for task, score, split in results:
+        meta = task.metadata
+        entries.append(EvalResult(
+            task_type=meta.type, dataset_name=f"MTEB {meta.name}",
+            dataset_type=path if _is_hub_id(path := str(meta.dataset.get("path", ""))) else meta.name,  # no local paths
+            dataset_config="default", dataset_split=split, dataset_revision=meta.dataset.get("revision"),
+            metric_type=meta.main_score, metric_value=round(100 * float(score), 4)))
+    card.data.model_name = card.data.model_name or model_name
+    card.data.eval_results = entries or None
+    card.save(card_path)
+    return len(entries)
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:

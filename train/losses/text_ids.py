@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .losses.infonce import TextIds
+from train.losses.infonce import TextIds
 
 
 def text_ids(texts: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:

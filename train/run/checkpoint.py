@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cluster import agree, from_rank_zero, host_barrier, host_group, local_rank
+from train.run.cluster import agree, from_rank_zero, host_barrier, host_group, local_rank
 
 STORAGES = ("shared", "node-local")
 
