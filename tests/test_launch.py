@@ -13,7 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from tests.conftest import ROOT, deepspeed_launch
-from train import cluster
+from train.run import cluster
 from train.input.prefetch import Prefetch, PrefetchError
 
 PRETRAIN = ROOT / "train/pretrain.py"
@@ -51,7 +51,7 @@ def test_start_run_binds_the_process_to_its_local_device_before_the_process_grou
     import deepspeed
     import deepspeed.accelerator
 
-    from train import runner
+    from train.run import runner
     calls: list = []
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeCudaAccelerator(calls))
@@ -67,7 +67,7 @@ def test_start_run_binds_the_process_to_its_local_device_before_the_process_grou
 def test_object_messages_travel_on_the_host_group_when_the_backend_is_nccl(one_rank, monkeypatch, tmp_path):
     """Every object collective before and around the engine (the data verdict, the shard index, the
     export's fallback verdict, start-up checks) uses the gloo group, not the NCCL default group."""
-    from train import rank_zero_data
+    from train.run import rank_zero_data
     dist.init_process_group("gloo")
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     cluster.open_host_group()

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node N tests/workers/cbb_step.py MODEL_DIR TASKS_JSON OUT_FILE STAGE [SCHEDULE [PLACEMENT]]
 
 It runs the code path of train/finetune.py: task assignment, groups, every task of a rank encoded in
-one forward (train.multitask.step_loss), CBB scaling, DeepSpeed's backward.
+one forward (train.kinds.multitask.step_loss), CBB scaling, DeepSpeed's backward.
 """
 import sys
 from argparse import Namespace

@@ -5,7 +5,7 @@
 Cases, each from the same weights with an SGD step (so the weights after it show the gradient, which
 Adam's first step would normalise away):
   pretrain: gathered InfoNCE with one hard negative, the code path of train/pretrain.py
-  cbb:      the tasks of TASKS_JSON through train.multitask.step_loss (CBB scaling, Matryoshka dims),
+  cbb:      the tasks of TASKS_JSON through train.kinds.multitask.step_loss (CBB scaling, Matryoshka dims),
             ranks holding different tasks and so different numbers of texts
 and the cbb case again under ZeRO 0-3, with and without GradCache, with sparse embedding gradients
 (train/run/runner.py's use_sparse_embedding_gradients, as its build_engine calls it), against the dense step;
