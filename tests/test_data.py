@@ -259,7 +259,7 @@ def test_shared_index_reads_each_file_once_per_run_and_equals_a_fresh_index(tmp_
 
         def no_reading(*a):
             raise AssertionError("indexed the file again")
-        monkeypatch.setattr(train.data, "index_shards", no_reading)
+        monkeypatch.setattr(train.input.data, "index_shards", no_reading)
         again = PairStream([path], global_batch=4, shard_bytes=1000, indexer=shared_index(tmp_path / "index"))
         assert again.shards == fresh.shards
         path.write_text(path.read_text() + GOOD + "\n")  # a changed file is indexed anew

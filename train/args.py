@@ -77,7 +77,7 @@ def add_reliability_args(g) -> None:
 
 
 def add_stream_args(g) -> None:
-    """How the data stream shuffles and groups (train.data.JsonlStream)."""
+    """How the data stream shuffles and groups (train.input.data.JsonlStream)."""
     g.add_argument("--group-buffer", type=int, default=64, help="global batches sorted by length together (1: off)")
     g.add_argument("--shuffle-buffer", type=int, default=0,
                    help="examples shuffled together before length grouping (0: --group-buffer global batches); "

@@ -37,7 +37,7 @@ def validate_data(files: list[tuple[Path, str, int]], skip_bad_lines: bool) -> N
 
 
 def shared_index(cache_dir: Path) -> Callable:
-    """A shard indexer for JsonlStream (train.data.index_shards) that reads each file once per run,
+    """A shard indexer for JsonlStream (train.input.data.index_shards) that reads each file once per run,
     not once per rank: rank 0 indexes it, or loads the index an earlier start of this run saved in
     `cache_dir` (same path, size, mtime and shard size), and sends it to every rank. An error on
     rank 0 reaches every rank, so none waits in the broadcast."""
