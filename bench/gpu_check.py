@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PAIRS = ROOT / "data/demo/pretrain/question_pairs.jsonl"
@@ -50,15 +51,10 @@ class Report:
         return ok
 
 
-def env() -> dict:
-    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-
-
 def run(name: str, cmd: list[str], out: Path, timeout: int = 300) -> tuple[int, str, float]:
     started = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env=launch.script_env(threads=None), capture_output=True, text=True, timeout=timeout)
         code, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         code, text = 124, f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}"

@@ -53,6 +53,14 @@ def saved_shape(tag_dir: Path) -> dict | None:
     return shape if isinstance(shape, dict) else None
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's RNGs from one seed (at start-up, and per rank on a resume whose
+    ranks have no saved state)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_states() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -148,7 +156,7 @@ class Checkpoints:
         if same_world:
             restore_rng_states(tag_dir / f"rng_rank{self.rank}.pt")
         else:  # no RNG state was saved for this layout of ranks: a fresh, reproducible one per rank
-            _seed_all(seed * 1_000_003 + client["step"] * 1009 + self.rank)
+            seed_everything(seed * 1_000_003 + client["step"] * 1009 + self.rank)
         if self.rank == 0:
             note = "" if same_world else (f" ({saved['world']} ranks then, {self.world} now: the same global batches, "
                                           "data position and schedule; dropout reseeded per rank)")
@@ -194,12 +202,6 @@ def _read_marker(tag_dir: Path) -> dict | None:
     if not (tag_dir / "complete").is_file():
         raise SystemExit(f"{tag_dir}: not a complete checkpoint (no 'complete' marker)")
     return saved_shape(tag_dir)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def check_storage_layout(out_dir: Path, storage: str) -> None:

@@ -126,18 +126,21 @@ def agree(check: Callable[[], Any], what: str = "start-up check") -> Any:
     return result
 
 
-def from_rank_zero(compute: Callable[[], Any]) -> Any:
-    """`compute()` on rank 0, its value (or its error, raised as SystemExit) on every rank."""
+def from_rank_zero(compute: Callable[[], Any], error: Callable[[str], BaseException] = SystemExit,
+                   catch: tuple[type[Exception], ...] = (Exception,)) -> Any:
+    """`compute()` on rank 0, its value on every rank; if it fails with one of `catch`, `error(message)`
+    is raised on every rank (SystemExit by default; the data stream passes DataError), so none waits in
+    the broadcast."""
     box: list = [None]
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", compute())
         except SystemExit as e:
             box[0] = ("error", str(e.code if e.code is not None else e))
-        except Exception as e:
-            box[0] = ("error", f"{type(e).__name__}: {e}")
+        except catch as e:
+            box[0] = ("error", str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}")
     dist.broadcast_object_list(box, src=0, group=host_group())
     status, value = box[0]
     if status == "error":
-        raise SystemExit(value)
+        raise error(value)
     return value

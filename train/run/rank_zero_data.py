@@ -12,7 +12,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from train.input import data
-from train.run.cluster import host_group
+from train.run.cluster import from_rank_zero
 from train.input.data import DataError, Shard
 
 
@@ -22,12 +22,11 @@ def validate_data(files: list[tuple[Path, str, int]], skip_bad_lines: bool) -> N
     --skip-bad-lines all go on knowing how many lines training will skip. (The other ranks wait in
     the broadcast, within --dist-timeout.)"""
     from train.run.validation import validate
-    verdict: list = [None]
-    if dist.get_rank() == 0:
+
+    def check() -> tuple[int, str]:
         report = validate(files)
-        verdict[0] = (len(report.bad), report.summary())
-    dist.broadcast_object_list(verdict, src=0, group=host_group())
-    n_bad, summary = verdict[0]
+        return len(report.bad), report.summary()
+    n_bad, summary = from_rank_zero(check)
     if n_bad and not skip_bad_lines:
         raise SystemExit(f"data error: --validate-data: {summary}\n(every bad line: python data_prep/validate.py "
                          f"... --report bad.tsv; or train with --skip-bad-lines)")
@@ -42,23 +41,19 @@ def shared_index(cache_dir: Path) -> Callable:
     `cache_dir` (same path, size, mtime and shard size), and sends it to every rank. An error on
     rank 0 reaches every rank, so none waits in the broadcast."""
     def index(file: int, path: Path, shard_bytes: int) -> list[Shard]:
-        box: list = [None]
-        if dist.get_rank() == 0:
+        def read_or_load() -> list[list[int]]:
             try:
                 st = path.stat()
                 key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{shard_bytes}".encode()).hexdigest()
                 cached = cache_dir / f"{key}.json"
                 if cached.is_file():
-                    box[0] = json.loads(cached.read_text())
-                else:
-                    box[0] = [[s.start, s.end, s.first_line, s.lines] for s in data.index_shards(file, path, shard_bytes)]
-                    cache_dir.mkdir(parents=True, exist_ok=True)
-                    cached.with_suffix(".tmp").write_text(json.dumps(box[0]))
-                    cached.with_suffix(".tmp").rename(cached)
+                    return json.loads(cached.read_text())
+                rows = [[s.start, s.end, s.first_line, s.lines] for s in data.index_shards(file, path, shard_bytes)]
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                cached.with_suffix(".tmp").write_text(json.dumps(rows))
+                cached.with_suffix(".tmp").rename(cached)
+                return rows
             except OSError as e:
-                box[0] = f"{path}: cannot index: {e}"
-        dist.broadcast_object_list(box, src=0, group=host_group())
-        if isinstance(box[0], str):
-            raise DataError(box[0])
-        return [Shard(file, *row) for row in box[0]]
+                raise OSError(f"{path}: cannot index: {e}") from None
+        return [Shard(file, *row) for row in from_rank_zero(read_or_load, error=DataError, catch=(OSError,))]
     return index

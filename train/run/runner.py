@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from train.args import RunConfig
-from train.run.checkpoint import Checkpoints
+from train.run.checkpoint import Checkpoints, seed_everything
 from train.run.cluster import agree, bind_device, host_barrier, host_group, local_rank, open_host_group, refuse_unreachable_gloo
 from train.losses.distributed import all_reduce_sum
 from train.run.ds_config import build_optimizer, load_ds_config, reduces_sparse_gradients
@@ -44,15 +44,6 @@ def set_cpu_threads() -> None:
         return
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def start_run(seed: int, timeout_minutes: float = 30) -> tuple[int, int]:
