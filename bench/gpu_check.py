@@ -10,6 +10,10 @@ On a BERT-large-shaped model with random weights (bge-large-zh's shape; the weig
   pretrain zero3 cache   the same under zero3.json
   finetune zero3 cache   CBB fine-tuning steps (expansion layer, Matryoshka) under zero3.json, the export
   grad cache = plain     one step's gradient with GradCache equals the uncached one on the device (fp32)
+  llm lora zero3         a random decoder of Qwen3-0.6B's body (1024 wide, 28 layers; small vocabulary):
+                         CBB fine-tuning with LoRA, GradCache and gradient checkpointing under zero3.json
+                         (the model built partitioned), the merged release and its check
+  llm soft zero3         the same model fully fine-tuned with soft masking
   throughput             bench/throughput.py's large and large_cache rows: tokens/s, TFLOP/s, MFU
 Results: OUT/gpu_check.md (the lines) and OUT/<check>.log.
 """
@@ -32,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/tmp/gpu_check", help="logs and the report")
     p.add_argument("--quick", action="store_true", help="CPU and a tiny model: the checks' own test")
-    p.add_argument("--skip", default="", help="comma-separated checks to leave out: pretrain_zero0, pretrain_zero3, "
+    p.add_argument("--skip", default="", help="comma-separated checks to leave out: llm, pretrain_zero0, pretrain_zero3, "
                                               "finetune, grad_cache, throughput")
     return p.parse_args(argv)
 
@@ -138,6 +142,17 @@ def main(argv=None) -> int:
                        ["--mini-batch", "8" if args.quick else "32", "--merge-weight", "1", *length], out, args.quick)
     if "grad_cache" not in skip:
         grad_cache_equals_plain(report, model, out, args.quick)
+    if "llm" not in skip:
+        from bench.tiny_model import make_tiny_decoder
+        shape = dict(hidden=32, layers=2) if args.quick else dict(hidden=1024, layers=28, heads=16, kv_heads=8,
+                                                                  intermediate=3072)
+        llm = str(make_tiny_decoder(out / "llm", "qwen3", **shape))
+        common = ["--mini-batch", "8" if args.quick else "32", "--merge-weight", "1", "--gradient-checkpointing",
+                  *length]
+        training_check(report, "llm lora zero3", "train/finetune.py", llm, "zero3",
+                       ["--lora-rank", "16", "--lr", "1e-4", *common], out, args.quick)
+        training_check(report, "llm soft zero3", "train/finetune.py", llm, "zero3",
+                       ["--attention", "soft", "--lr", "1e-5", *common], out, args.quick)
     if "throughput" not in skip and not args.quick:
         throughput(report, out)
     failed = sum(line.startswith("FAIL") for line in report.lines)

@@ -61,3 +61,48 @@ def make_tiny_model(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed
     import shutil
     shutil.rmtree(hf_dir)
     return out_dir
+
+
+DECODER_ARCHS = ("qwen3", "llama")
+
+
+def make_tiny_decoder(out_dir: str | Path, arch: str = "qwen3", hidden: int = 32, layers: int = 2, seed: int = 0,
+                      heads: int = 2, kv_heads: int = 1, intermediate: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """Save a tiny decoder-only LLM checkpoint as the hub ships them (a *ForCausalLM model, its
+    tokenizer, no sentence-transformers files) and return the path: Qwen3-style (EOS <|endoftext|>,
+    no BOS) or Llama-style (BOS <s> added, EOS </s>); neither tokenizer has a pad token or appends EOS,
+    as the real ones do not. Random weights: the learning checks train it from here."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    if arch not in DECODER_ARCHS:
+        raise ValueError(f"arch must be one of {DECODER_ARCHS}")
+    out_dir = Path(out_dir)
+    special = ["<|endoftext|>", "<unk>"] if arch == "qwen3" else ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(tok_models.WordPiece(unk_token="<unk>"))
+    tok.normalizer = normalizers.BertNormalizer(handle_chinese_chars=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    # the instruction format's words as whole tokens, as a real LLM vocabulary has them
+    tok.train_from_iterator(demo_texts() + ["Instruct: Query: "] * 100, trainer=trainers.WordPieceTrainer(
+        vocab_size=4000, special_tokens=special))
+    if arch == "llama":
+        tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                       model_max_length=256)
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>",
+                                       model_max_length=256)
+    shape = dict(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate or hidden * 2,
+                 max_position_embeddings=256, eos_token_id=fast.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=hidden // heads, **shape))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(bos_token_id=fast.bos_token_id, **shape))
+    model.to(dtype).save_pretrained(out_dir)
+    fast.save_pretrained(out_dir)
+    return out_dir

@@ -103,11 +103,25 @@ def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_pr
 
     query = model.prompts.get("query", "")
     symmetric = query if symmetric_prompt is None else symmetric_prompt
-    prompts = {"query": query, "document": document_prompt(model), **dict.fromkeys(SYMMETRIC_TYPES, symmetric)}
-    encoder = CachedTruncated(model, model_prompts={k: v for k, v in prompts.items() if v})
+    typed = task_type_prompts(model)  # kept even when empty: "" is how a document goes bare after an instruction
+    prompts = {"query": query, "document": document_prompt(model), **dict.fromkeys(SYMMETRIC_TYPES, symmetric), **typed}
+    encoder = CachedTruncated(model, model_prompts={k: v for k, v in prompts.items() if v or k in typed})
     suffix = f"-dim{dim}" if dim else ""
     encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(name=f"local/{name}{suffix}", revision=revision))
     return encoder
+
+
+def task_type_prompts(model) -> dict[str, str]:
+    """The model's prompts named by a C-MTEB task type ("Retrieval-query", "STS", ...): what a model
+    fine-tuned with task instructions saved (train/kinds/base.py's release_prompts). mteb looks a
+    task's prompt up by its type before the plain query/document ones, so each task type is encoded
+    with the instruction training used for it."""
+    from typing import get_args
+
+    from mteb.abstasks.task_metadata import TaskType
+    types = set(get_args(TaskType))
+    return {name: prompt for name, prompt in model.prompts.items()
+            if name.rsplit("-", 1)[0] in types or name in types}
 
 
 def document_prompt(model) -> str:

@@ -13,6 +13,7 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p.add_argument_group("model"))
+    add_lora_args(p.add_argument_group("LoRA (peft)"))
     add_training_args(p.add_argument_group("training"))
     add_reliability_args(p.add_argument_group("reliability"))
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
@@ -30,6 +31,27 @@ def add_model_args(g) -> None:
                    help="dtype the weights are loaded in. float32: fp32 master weights whatever the checkpoint's "
                         "own dtype (LLM backbones are saved in bf16; --precision bf16 still computes in bf16); "
                         "bfloat16 halves the weights' memory and needs --precision bf16")
+    g.add_argument("--attn-implementation", default=None, choices=["sdpa", "eager", "flash_attention_2"],
+                   help="transformers' attention kernel (default: transformers' own, sdpa; flash_attention_2 needs "
+                        "the flash-attn package and --precision bf16)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in backward instead of keeping them (less memory, "
+                        "about a third more compute); for LLM backbones")
+    g.add_argument("--attention", default="auto", choices=["auto", "causal", "bidirectional", "soft"],
+                   help="decoder-only backbones: auto keeps the model's own (causal for an LLM); bidirectional attends "
+                        "both ways from the start; soft moves from causal to bidirectional over the run (Conan-v2's "
+                        "soft mask, train/models/attention.py). The release attends as training ended")
+
+
+def add_lora_args(g) -> None:
+    g.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank on a frozen backbone "
+                                                            "(0: full fine-tuning); the release is the merged model")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale alpha (the update is B A x alpha / rank)")
+    g.add_argument("--lora-targets", default="all-linear",
+                   help="modules to adapt: all-linear, or comma-separated names such as q_proj,k_proj,v_proj,o_proj")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--save-adapter", action="store_true",
+                   help="also write the adapter alone (peft format) to OUTPUT_DIR/final_adapter")
 
 
 def add_training_args(g) -> None:
@@ -102,6 +124,19 @@ class ModelConfig:
     max_length: int
     release_max_length: int | None
     model_dtype: str
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    attention: str = "auto"
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_targets: str = "all-linear"
+    lora_dropout: float = 0.0
+    save_adapter: bool = False
+
+    def backbone_options(self):
+        from train.models.backbone import BackboneOptions
+        return BackboneOptions(self.attention, self.gradient_checkpointing, self.lora_rank, self.lora_alpha,
+                               self.lora_targets, self.lora_dropout, self.pooling)
 
 
 @dataclass(frozen=True)

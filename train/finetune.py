@@ -29,14 +29,15 @@ from train.step.encoding import allow_mixed_prompts, encode_groups, encode_token
 from train.kinds.task_data import task_batches, task_stream
 from train.run.merge import merge_release
 from train.step.mining import HardNegativeMiner, MiningRule, plot_history
-from train.models.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, load_model, matryoshka_dims,
-                         open_sentence_transformer, set_pooling, with_expansion)
-from train.kinds import LossSettings
+from train.models.decoder import check_prompt_room, instruction_prompt
+from train.models.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, matryoshka_dims,
+                                open_sentence_transformer, set_pooling, with_expansion)
+from train.kinds import KINDS, LossSettings
 from train.kinds.multitask import step_loss, task_groups, tasks_this_step
 from train.input.prefetch import close_prefetch, prefetched
 from train.run.rank_zero_data import shared_index, validate_data
 from train.run.release import push_to_hub, schedule_name, write_model_card
-from train.run.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
+from train.run.runner import Run, build_engine, end_run, open_backbone, start_run
 from train.kinds.tasks import PLACEMENTS, ConfigError, assign_ranks, load_data_config
 
 DEMO_CONFIG = ROOT / "data/demo/finetune/tasks.yaml"
@@ -101,25 +102,45 @@ def open_tasks(args, world: int):
     return config, streams, total_steps
 
 
-def open_model(args, config):
-    """The model (+ expansion layer), its Matryoshka dims, and each task's prompts (task > config > model)."""
+def open_model(args, config, run_settings, world: int):
+    """The model (+ expansion layer), its Matryoshka dims, and each task's prompts (task > its
+    instruction > config > model), with the Backbone that set it up (train/models/backbone.py)."""
     # rank 0 decides the default (its own pre-training output, else the base model); every rank then
     # loads that, and one that cannot (a node-local disk without it) stops them all
     name = args.model or from_rank_zero(
         lambda: str(PRETRAINED) if (PRETRAINED / "modules.json").is_file() else DEFAULT_MODEL)
-    model, source, local_only = local_rank_zero_first(load_model, name, max_length=args.max_length, pooling=args.pooling,
-                                                      dtype=args.model_dtype)
+    model, source, local_only, backbone = open_backbone(name, run_settings, 1, world)
     model, added, what = with_expansion(allow_mixed_prompts(model), args.expand_dim, seed=args.seed)
     dims, weights = matryoshka_dims(args.mrl_dims, args.mrl_weights, model.get_embedding_dimension())
     for t in config.tasks:
-        t.query_prompt = next(p for p in (t.query_prompt, config.query_prompt, model.prompts.get("query", "")) if p is not None)
-        t.passage_prompt = next(p for p in (t.passage_prompt, config.passage_prompt, model.prompts.get("passage", "")) if p is not None)
+        instructed = instruction_prompt(t.instruction)
+        bare = "" if instructed is not None else None  # documents go without the instruction
+        t.query_prompt = next(p for p in (t.query_prompt, instructed, config.query_prompt,
+                                          model.prompts.get("query", "")) if p is not None)
+        t.passage_prompt = next(p for p in (t.passage_prompt, bare, config.passage_prompt,
+                                            model.prompts.get("passage", "")) if p is not None)
+        check_prompt_room(model, {f"{t.name} query": t.query_prompt, f"{t.name} passage": t.passage_prompt},
+                          args.max_length)
 
     def rebuild() -> SentenceTransformer:  # the untrained model with the same modules, for the export
-        base = set_pooling(open_sentence_transformer(source, local_only), args.pooling)
+        base = open_sentence_transformer(source, local_only, attn_implementation=args.attn_implementation)
+        base = backbone.shaped_as_trained(set_pooling(base, args.pooling))
         return add_expansion_layer(base, added) if added else base
-    return model, name, rebuild, f"{what}; MRL dims {dims or 'off'}", \
+    return model, name, rebuild, backbone, f"{what}; MRL dims {dims or 'off'}", \
         LossSettings(args.temperature, args.cosent_scale, dims, weights, args.mask_false_negatives)
+
+
+def release_prompts(tasks: list) -> dict[str, str]:
+    """The release's prompts: query / passage / document of the first task; with instructions, also each
+    task's under its name and its C-MTEB task types (the first task of a type names it)."""
+    first = tasks[0]
+    prompts = {"query": first.query_prompt, "passage": first.passage_prompt, "document": first.passage_prompt}
+    for t in tasks:
+        if t.instruction is not None:
+            for key, value in {t.name: t.query_prompt, **KINDS[t.type].release_prompts(t.query_prompt,
+                                                                                      t.passage_prompt)}.items():
+                prompts.setdefault(key, value)
+    return prompts
 
 
 def update_miners(miners: dict, scores: dict, run: Run) -> None:
@@ -193,7 +214,7 @@ def main(argv=None) -> None:
     # --- tasks and data, model, engine
     config, streams, total_steps = open_tasks(args, world)
     tasks, groups = config.tasks, task_groups(config.tasks)
-    model, base_name, rebuild, shape, loss_settings = open_model(args, config)
+    model, base_name, rebuild, backbone, shape, loss_settings = open_model(args, config, run_config(args), world)
     config = run_config(args)
     engine, scheduler = build_engine(model, config, 1, world, total_steps)
 
@@ -211,6 +232,8 @@ def main(argv=None) -> None:
     run.say(f"fine-tuning {base_name} ({schedule_name(vars(args))}), {total_steps} steps on {world} ranks: "
             + "; ".join(f"{t.name} ({t.type}) x{t.batch_size} w={t.weight:g} on ranks {t.assigned}" for t in tasks)
             + f"; {shape}")
+    for note in backbone.notes:
+        run.say(note)
 
     cache = run.grad_cache()  # --mini-batch: GradCache
 
@@ -238,6 +261,7 @@ def main(argv=None) -> None:
     while not run.done:
         now = tasks_this_step(tasks, rank, run.step, args.task_schedule, args.seed)
         step_batches = run.fetch(lambda: read_step(now), client_state, undo_read)
+        backbone.at_step(run.step, total_steps)  # soft masking's alpha (--attention soft)
         with run.timed("forward", device_work=True):  # the forwards, losses and their gathers
             result = step_loss(step_batches, now, encode, groups, rank, world, loss_settings, miners)
         if not run.optimize(result.total, result.sources, backward=cache.backward if cache else None):
@@ -256,12 +280,13 @@ def main(argv=None) -> None:
     false_negatives = run.report_false_negatives(false_negatives)
 
     # --- the release folder
-    first = tasks[0]
-    prompts = {"query": first.query_prompt, "passage": first.passage_prompt, "document": first.passage_prompt}
+    backbone.at_step(total_steps, total_steps)  # the engine encodes the probes as training ended
+    adapter_dir = Path(args.output_dir) / "final_adapter" if args.save_adapter else None
     final = run.export(client_state(), embed=lambda texts, prompt: encode_groups(engine, model, [(texts, prompt)],
                                                                                 engine.device, 1)[0][0],
                        probe_texts=["如何训练中文向量模型？", "导出检查：这句话用来比较训练引擎和导出的模型。"],
-                       probe_prompt=first.query_prompt, rebuild=rebuild, prompts=prompts)
+                       probe_prompt=tasks[0].query_prompt, rebuild=rebuild, prompts=release_prompts(tasks),
+                       finalize=lambda m: backbone.finalize(m, adapter_dir, base_name))
     run.finish(examples=examples_trained(tasks, run.step, args.task_schedule, args.seed),
                false_negatives=false_negatives, release=str(final),
                skipped_lines={n: s.skipped.total for n, s in streams.items()},

@@ -19,10 +19,12 @@ from train.run.checkpoint import Checkpoints
 from train.input.data import DataError, PairStream, rank_slice
 from train.step.encoding import Tokenized, allow_mixed_prompts, encode_groups, encode_tokenized, tokenize_groups
 from train.losses import InfoNCELoss
-from train.models.model import DEFAULT_MODEL, load_model, open_sentence_transformer, set_pooling
+from train.kinds import KINDS
+from train.models.decoder import check_prompt_room, instruction_prompt
+from train.models.model import DEFAULT_MODEL, open_sentence_transformer, set_pooling
 from train.input.prefetch import close_prefetch, prefetched
 from train.run.rank_zero_data import shared_index, validate_data
-from train.run.runner import Run, build_engine, end_run, local_rank_zero_first, start_run
+from train.run.runner import Run, build_engine, end_run, open_backbone, start_run
 from train.losses.text_ids import retrieval_ids
 
 DEMO_DATA = [ROOT / "data/demo/pretrain/llm_pairs.jsonl", ROOT / "data/demo/pretrain/question_pairs.jsonl"]
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = p.add_argument_group("prompts")
     prompts.add_argument("--query-prompt", default=None, help="default: the model's 'query' prompt (e5: 'query: ')")
     prompts.add_argument("--passage-prompt", default=None, help="default: the model's 'passage' prompt")
+    prompts.add_argument("--instruction", default=None,
+                         help="a task instruction for the queries, as LLM embedders take one: the query prompt becomes "
+                              "'Instruct: {instruction}\\nQuery: ' and passages go bare (unless --passage-prompt)")
     p.set_defaults(model=DEFAULT_MODEL, output_dir="output/pretrain", lr=2e-5, warmup_ratio=0.05)
     return p
 
@@ -73,6 +78,15 @@ def open_stream(args, world: int):
     return stream, args.max_steps or stream.batches_per_epoch() * args.epochs
 
 
+def pair_prompts(args, model) -> tuple[str, str]:
+    """(query prompt, passage prompt): the flags', else the instruction's (passages bare), else the model's."""
+    instructed = instruction_prompt(args.instruction)
+    query = next(p for p in (args.query_prompt, instructed, model.prompts.get("query", "")) if p is not None)
+    bare = "" if instructed is not None else None
+    passage = next(p for p in (args.passage_prompt, bare, model.prompts.get("passage", "")) if p is not None)
+    return query, passage
+
+
 def saved_position(client: dict | None) -> dict:
     """The data position a checkpoint saved (older checkpoints counted batches only)."""
     if not client:
@@ -93,16 +107,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world = start_run(args.seed, args.dist_timeout)
 
-    # --- data and model: the first local rank builds any offline model copy, the others then load it
+    # --- data and model (an LLM backbone set up for embedding: train/models/backbone.py)
     stream, total_steps = open_stream(args, world)
-    model, model_source, local_only = local_rank_zero_first(load_model, args.model, max_length=args.max_length,
-                                                            pooling=args.pooling, dtype=args.model_dtype)
+    config = run_config(args)
+    model, model_source, local_only, backbone = open_backbone(args.model, config, args.batch_size, world)
     allow_mixed_prompts(model)
-    query_prompt = args.query_prompt if args.query_prompt is not None else model.prompts.get("query", "")
-    passage_prompt = args.passage_prompt if args.passage_prompt is not None else model.prompts.get("passage", "")
+    query_prompt, passage_prompt = pair_prompts(args, model)
+    check_prompt_room(model, {"query": query_prompt, "passage": passage_prompt}, args.max_length)
 
     # --- engine, resumed state
-    config = run_config(args)
     engine, scheduler = build_engine(model, config, args.batch_size, world, total_steps)
     checkpoints = Checkpoints(Path(args.output_dir), args.checkpoint_storage, args.keep,
                               shape={"global_batch": args.batch_size * world})
@@ -111,6 +124,8 @@ def main(argv=None) -> None:
     run = Run(engine, scheduler, config, total_steps, metrics=["infonce"], desc="pretrain", checkpoints=checkpoints,
               client=client)
     loss_fn = InfoNCELoss(args.temperature)
+    for note in backbone.notes:
+        run.say(note)
     run.say(f"pre-training {model_source} on {stream.num_lines} lines from {len(stream.paths)} files, "
             f"{world} ranks x {args.batch_size} = {args.batch_size * world} per step, {total_steps} steps, "
             f"ZeRO {engine.zero_optimization_stage()}, {'bf16' if engine.bfloat16_enabled() else 'fp32'}")
@@ -147,6 +162,7 @@ def main(argv=None) -> None:
             global_batch, tokenized = fetched
             probe_texts = probe_texts or [ex.query for ex in global_batch[:8]]  # for the export check
             batch = rank_slice(global_batch, rank, world)
+            backbone.at_step(run.step, total_steps)  # soft masking's alpha (--attention soft)
             with run.timed("forward", device_work=True):  # the forwards and the gathered loss
                 (q, p, *n), tokens = cache.encode(tokenized) if cache else \
                     encode_tokenized(engine, tokenized, engine.device, buckets)
@@ -161,11 +177,19 @@ def main(argv=None) -> None:
         close_prefetch(batches)  # no tokenizing in the background while the export encodes
 
     # --- export: a final checkpoint, its fp32 weights, a sentence-transformers folder, checked
+    backbone.at_step(total_steps, total_steps)  # the engine encodes the probes as training ended
     prompts = {"query": query_prompt, "passage": passage_prompt, "document": passage_prompt}
-    rebuild = lambda: set_pooling(open_sentence_transformer(model_source, local_only), args.pooling)  # noqa: E731
+    if args.instruction is not None:
+        prompts.update(KINDS["pairs"].release_prompts(query_prompt, passage_prompt))
+
+    def rebuild():  # the base again, shaped as trained (LoRA layers, the decoder's tokenizer and pooling)
+        base = open_sentence_transformer(model_source, local_only, attn_implementation=args.attn_implementation)
+        return backbone.shaped_as_trained(set_pooling(base, args.pooling))
+    adapter_dir = Path(args.output_dir) / "final_adapter" if args.save_adapter else None
     final = run.export(client_state(), embed=embed,
                        probe_texts=probe_texts or ["导出检查：这句话用来比较训练引擎和导出的模型。"],
-                       probe_prompt=query_prompt, rebuild=rebuild, prompts=prompts)
+                       probe_prompt=query_prompt, rebuild=rebuild, prompts=prompts,
+                       finalize=lambda m: backbone.finalize(m, adapter_dir, model_source))
     false_negatives = run.report_false_negatives(loss_fn.excluded)
     run.finish(examples=run.step * args.batch_size * world, false_negatives=false_negatives,
                skipped_lines=stream.skipped.total, release=str(final))

@@ -48,6 +48,16 @@ class TaskKind:
     min_batch: int = 1                   # the smallest batch_size its loss is defined for
     shares_queries: bool = False         # under CBB every rank of the task holds all its queries (retrieval)
     minable: bool = False                # dynamic hard-negative mining applies (train/step/mining.py)
+    mteb_types: tuple[str, ...] = ()     # the C-MTEB task types it trains for: the release's prompt names
+    symmetric: bool = False              # both sides encoded with the query prompt (STS, classification)
+
+    def release_prompts(self, query_prompt: str, passage_prompt: str) -> dict[str, str]:
+        """Prompts under the names mteb looks up by task type ("Retrieval-query", "STS", ...), so
+        `encode(..., prompt_name=...)` and eval/cmteb.py use the instruction training used."""
+        if self.symmetric:
+            return dict.fromkeys(self.mteb_types, query_prompt)
+        return {f"{t}-{side}": prompt for t in self.mteb_types
+                for side, prompt in (("query", query_prompt), ("document", passage_prompt))}
 
     def parser(self, num_negatives: int = 0, sample: bool = True) -> Callable[[str, random.Random, str], object]:
         """line -> example (ValueError with the reason for a bad line): the training loop's own parser,

@@ -106,6 +106,8 @@ class LabelledSource:
 
 class Classification(TaskKind):
     name = "classification"
+    mteb_types = ("Classification", "Clustering", "MultilabelClassification")
+    symmetric = True
     line_format = '{"text", "label"}'
     needs_negatives = True
 

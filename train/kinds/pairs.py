@@ -16,6 +16,7 @@ from train.kinds.base import LossSettings, TaskKind, TaskLoss, candidate_ids, co
 
 class Pairs(TaskKind):
     name = "pairs"
+    mteb_types = ("Retrieval", "Reranking")
     line_format = '{"query", "pos"}'
 
     def parser(self, num_negatives: int = 0, sample: bool = True):

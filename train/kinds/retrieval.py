@@ -24,6 +24,7 @@ from train.kinds.base import LossSettings, TaskKind, TaskLoss, candidate_ids, co
 
 class Retrieval(TaskKind):
     name = "retrieval"
+    mteb_types = ("Retrieval", "Reranking")
     line_format = '{"query", "pos": [...], "neg": [...]}'
     needs_negatives = True
     shares_queries = True

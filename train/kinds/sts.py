@@ -44,6 +44,8 @@ def sts_length(ex: StsExample, cap: int) -> tuple[int, int]:
 
 class Sts(TaskKind):
     name = "sts"
+    mteb_types = ("STS", "PairClassification")
+    symmetric = True
     line_format = '{"sentence1", "sentence2", "score"}'
     default_weight = 0.8  # the paper's beta
     min_batch = 2         # CoSENT compares pairs with each other

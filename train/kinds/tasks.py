@@ -9,6 +9,12 @@ A data config (YAML or JSON) lists the tasks; paths are relative to the config f
     query_prompt: "query: "        # optional; default: the model's own prompts
     passage_prompt: "passage: "
 
+A task may carry an `instruction` (LLM embedders: Qwen3-Embedding, gte-Qwen2): its queries are then
+encoded after "Instruct: {instruction}\nQuery: " and its documents bare, and the release saves the
+prompt under the task's name and its C-MTEB task types ("Retrieval-query", "STS", ...), which
+`encode(..., prompt_name=...)` and eval/cmteb.py use:
+      retrieval:   {type: retrieval, ..., instruction: "Given a question, retrieve passages that answer it"}
+
 Sizes are per optimizer step for the whole task, whatever the number of ranks, so one config gives
 the same objective on 1 rank or 64:
   retrieval       batch_size queries, each with num_negatives hard negatives in all. The task's ranks
@@ -45,6 +51,7 @@ class Task:
     query_prompt: str | None = None
     passage_prompt: str | None = None
     mining: dict | None = None       # dynamic hard-negative mining (retrieval): MiningRule fields
+    instruction: str | None = None   # LLM embedders: the query-side task instruction
     assigned: list[int] = field(default_factory=list)   # ranks that run it, filled by assign_ranks
     split_queries: bool = False      # retrieval: each rank its own queries (random schedule), not CBB's shared ones
 
@@ -104,7 +111,7 @@ def load_data_config(path: str | Path) -> DataConfig:
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: expected a mapping")
         unknown = set(spec) - {"type", "files", "batch_size", "num_negatives", "ranks", "weight",
-                               "query_prompt", "passage_prompt", "mining"}
+                               "query_prompt", "passage_prompt", "mining", "instruction"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         if spec.get("type") not in TASK_TYPES:
@@ -123,7 +130,10 @@ def load_data_config(path: str | Path) -> DataConfig:
                     num_negatives=_positive_int(where, spec, "num_negatives", 0, minimum=1 if kind.needs_negatives else 0),
                     ranks=_positive_int(where, spec, "ranks", 1),
                     weight=float(spec.get("weight", kind.default_weight)),
-                    query_prompt=spec.get("query_prompt"), passage_prompt=spec.get("passage_prompt"))
+                    query_prompt=spec.get("query_prompt"), passage_prompt=spec.get("passage_prompt"),
+                    instruction=spec.get("instruction"))
+        if task.instruction is not None and not isinstance(task.instruction, str):
+            raise ConfigError(f"{where}: 'instruction' must be a string, got {task.instruction!r}")
         task.mining = _mining(where, spec.get("mining"), task.type)
         if task.batch_size < kind.min_batch:
             raise ConfigError(f"{where}: a {task.type} task's loss compares examples with each other; "

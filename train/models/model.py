@@ -56,24 +56,31 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def open_sentence_transformer(source: str, local_only: bool, dtype: str = "float32",
-                              device: str = "cpu") -> SentenceTransformer:
+                              device: str = "cpu", attn_implementation: str | None = None) -> SentenceTransformer:
     """A SentenceTransformer with its weights in `dtype`. transformers 5 otherwise loads a checkpoint
     in the dtype its config names: LLM backbones (Qwen, Llama, gte-Qwen2) are saved in bf16, and
     AdamW's 1e-5-sized updates to bf16 weights round away; the release and its check would compare a
-    bf16 rebuild with fp32 masters. Training, export, check and merge all load through here."""
-    return SentenceTransformer(source, device=device, local_files_only=local_only,
-                               model_kwargs={"dtype": getattr(torch, dtype)})
+    bf16 rebuild with fp32 masters. Training, export, check and merge all load through here.
+    attn_implementation: transformers' attention kernel (sdpa, eager, flash_attention_2; None: its default)."""
+    kwargs = {"dtype": getattr(torch, dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return SentenceTransformer(source, device=device, local_files_only=local_only, model_kwargs=kwargs)
+    except ImportError as e:  # flash_attention_2 without flash-attn installed, for one
+        raise SystemExit(f"--attn-implementation {attn_implementation}: {e}") from None
 
 
 def load_model(name_or_path: str, device: str = "cpu", max_length: int | None = None,
-               pooling: str | None = None, dtype: str = "float32") -> tuple[SentenceTransformer, str, bool]:
+               pooling: str | None = None, dtype: str = "float32",
+               attn_implementation: str | None = None) -> tuple[SentenceTransformer, str, bool]:
     """(model, source, local_only): the SentenceTransformer to train and where it was loaded from.
 
     A plain transformers checkpoint gets mean pooling, as sentence-transformers gives it. The
     weights are loaded in `dtype` (--model-dtype; fp32 masters by default), whatever the saved one.
     """
     source, local_only = resolve_model(name_or_path)
-    model = open_sentence_transformer(source, local_only, dtype, device)
+    model = open_sentence_transformer(source, local_only, dtype, device, attn_implementation)
     set_pooling(model, pooling)
     if max_length:
         model.max_seq_length = max_length
@@ -108,7 +115,8 @@ def expansion_layer(model: SentenceTransformer) -> tuple[int, int] | None:
 def with_expansion(model: SentenceTransformer, expand_dim: str, seed: int = 0) -> tuple[SentenceTransformer, int, str]:
     """The model to train, the width of the expansion layer added now (0: none added), and what was done.
 
-    expand_dim: "auto" (1.75 x the encoder width, the paper's 1024 -> 1792), an integer, or "0" (none).
+    expand_dim: "auto" (1.75 x the encoder width, the paper's 1024 -> 1792; none past 1024, as an LLM's
+    3584 or 4096 is wide already and 1.75 x 4096 would add a 4096 x 7168 layer), an integer, or "0" (none).
     A model that already has the layer keeps it (fine-tuning a fine-tuned model): "auto" and its own
     width are accepted, another width stops before training.
     """
@@ -120,6 +128,9 @@ def with_expansion(model: SentenceTransformer, expand_dim: str, seed: int = 0) -
                              f"pass --expand-dim auto (keep it) or {out}")
         return model, 0, f"keeping the model's expansion layer {width} -> {out}"
     width = model.get_embedding_dimension()
+    if expand_dim == "auto" and width > 1024:
+        return model, 0, f"no expansion layer: the embedding is {width} wide (auto adds one up to 1024; " \
+                         "--expand-dim N to add one anyway)"
     expand = round(width * 1.75 / 32) * 32 if expand_dim == "auto" else int(expand_dim)
     if not expand:
         return model, 0, f"no expansion layer (embedding width {width})"
@@ -176,14 +187,16 @@ def add_expansion_layer(model: SentenceTransformer, out_dim: int, seed: int = 0)
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, expansion_lr: float | None = None) -> list[dict]:
-    """Optimizer groups: the expansion layer (a Dense after pooling) gets its own learning rate."""
+    """Optimizer groups of the trainable weights (a LoRA run's frozen backbone is left out): the expansion
+    layer (a Dense after pooling) gets its own learning rate."""
     from sentence_transformers.sentence_transformer.modules import Dense
     head = {id(p) for m in model.modules() if isinstance(m, Dense) for p in m.parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in head], "lr": lr}]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in head], "lr": lr}]
     if head and expansion_lr is not None:
-        groups.append({"params": [p for p in model.parameters() if id(p) in head], "lr": expansion_lr})
+        groups.append({"params": [p for p in trainable if id(p) in head], "lr": expansion_lr})
     else:
-        groups[0]["params"] = list(model.parameters())
+        groups[0]["params"] = trainable
     return groups
 
 

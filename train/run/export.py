@@ -98,18 +98,25 @@ def _module_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def export_sentence_transformer(rebuild, state_dict: dict, out_dir: Path, prompts: dict[str, str],
-                                max_length: int | None = None):
-    """Rebuild the model on CPU (`rebuild()`: the same modules as trained), load the weights, save it.
+                                max_length: int | None = None, finalize=None):
+    """Rebuild the model on CPU (`rebuild()`: the same modules as trained), load the weights, put it in
+    its release form (`finalize`: a LoRA adapter merged into the weights), save it.
 
     max_length None keeps the rebuilt model's own max_seq_length (the base model's), not the
     training length.
     """
     model = rebuild()
+    # weights training froze (a LoRA run's backbone) keep the base's own values, as loaded: ZeRO 1-2's
+    # zero_to_fp32 leaves them out, and in bf16 the engine holds only rounded copies of them
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    state_dict = {k: v for k, v in state_dict.items() if k not in frozen}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    real_missing = [k for k in missing if not k.endswith("position_ids")]
+    real_missing = [k for k in missing if not k.endswith("position_ids") and k not in frozen]
     if real_missing or unexpected:
         raise RuntimeError(f"export: weights do not match the model (missing {real_missing[:5]}, "
                            f"unexpected {unexpected[:5]})")
+    if finalize is not None:
+        model = finalize(model)
     if max_length:
         model.max_seq_length = max_length
     model.prompts = dict(prompts)
@@ -159,7 +166,7 @@ def check_export(final_dir: Path, texts: list[str], prompt: str, engine_emb: tor
 
 def export_release(engine, checkpoints, step: int, client_state: dict, embed, probe_texts: list[str],
                    probe_prompt: str, rebuild, prompts: dict[str, str], release_max_length: int | None,
-                   train_max_length: int) -> Path:
+                   train_max_length: int, finalize=None) -> Path:
     """Final checkpoint, its fp32 weights, the release folder, and the check that it encodes as the engine.
 
     `embed(texts, prompt)` encodes through the engine (every rank takes part: ZeRO-3 gathers weights in
@@ -175,6 +182,6 @@ def export_release(engine, checkpoints, step: int, client_state: dict, embed, pr
         probe = embed(probe_texts, probe_prompt)
     final = checkpoints.dir.parent / "final"
     if engine.global_rank == 0:
-        export_sentence_transformer(rebuild, weights, final, prompts, release_max_length)
+        export_sentence_transformer(rebuild, weights, final, prompts, release_max_length, finalize)
         check_export(final, probe_texts, probe_prompt, probe.float().cpu(), engine.bfloat16_enabled(), train_max_length)
     return final

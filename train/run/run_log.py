@@ -136,6 +136,11 @@ class RunLog:
             **({"gather_share": round(gather_seconds() / max(seconds, 1e-9), 4)} if not self.on_gpu else {}),
             **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if self.on_gpu else {}),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        mine = {k: v for k, v in self.stats.items() if k.startswith("peak_")}
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine, group=self.control)
+        for key in mine:  # every rank's peak: ZeRO-3 and offload differ between ranks, and rank 0 exports
+            self.stats[f"{key}_per_rank"] = [e[key] for e in everyone]
         return self.stats
 
     def write_summary(self, **facts) -> Path | None:

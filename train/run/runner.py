@@ -20,6 +20,7 @@ import math
 import os
 import sys
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +79,34 @@ def local_rank_zero_first(fn, *args, **kwargs):
     host_barrier()
     outcome = outcome or attempt()
     return agree(outcome, "loading the model")
+
+
+def open_backbone(name: str, config: RunConfig, micro_batch: int, world: int):
+    """(model, source, local_only, Backbone): the model to train, set up as the flags say
+    (train/models/backbone.py). Each node's local rank 0 loads first (it may build the offline model
+    copy). Under ZeRO-3 every rank instead builds the model inside deepspeed.zero.Init, which
+    transformers enters while an HfDeepSpeedConfig of the run's config is alive: each weight is
+    partitioned as it is made and loaded shard by shard, so no rank ever holds the whole model
+    (construction is collective then, so the ranks first agree that every one of them can reach it)."""
+    from train.models.backbone import has_sentence_transformers_config, prepare_backbone
+    from train.models.model import load_model, resolve_model
+    training, m = config.training, config.model
+    load = partial(load_model, max_length=m.max_length, pooling=m.pooling, dtype=m.model_dtype,
+                   attn_implementation=m.attn_implementation)
+    ds_config = load_ds_config(training.deepspeed_config, micro_batch, world, training.max_grad_norm,
+                               training.precision, config.reliability.checkpoint_storage, training.mini_batch)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        local_rank_zero_first(resolve_model, name)
+        from transformers.integrations import HfDeepSpeedConfig
+        zero_init = HfDeepSpeedConfig(ds_config)  # transformers reads it through a weak reference
+        try:
+            model, source, local_only = load(name)
+        finally:
+            del zero_init  # later loads (the export's rebuild) build whole models again
+    else:
+        model, source, local_only = local_rank_zero_first(load, name)
+    backbone = prepare_backbone(model, has_sentence_transformers_config(source, local_only), m.backbone_options())
+    return model, source, local_only, backbone
 
 
 def end_run() -> None:
@@ -195,12 +224,13 @@ class Run:
             end_run()
 
     def export(self, client_state: dict, embed: Callable, probe_texts: list[str], probe_prompt: str,
-               rebuild: Callable, prompts: dict[str, str]) -> Path:
-        """The end of training: its figures (run_log.py), then the release (export.py's export_release)."""
+               rebuild: Callable, prompts: dict[str, str], finalize: Callable | None = None) -> Path:
+        """The end of training: its figures (run_log.py), then the release (export.py's export_release).
+        `finalize(model)`: the release form of the rebuilt model holding the trained weights (LoRA merged)."""
         stats = self.log.training_ended(self.step)
         model = self.config.model
         final = export_release(self.engine, self.checkpoints, self.step, client_state, embed, probe_texts, probe_prompt,
-                               rebuild, prompts, model.release_max_length, model.max_length)
+                               rebuild, prompts, model.release_max_length, model.max_length, finalize)
         if self.is_main:
             if self.guard.skipped_steps:
                 print(f"skipped {self.guard.skipped_steps} steps with a NaN or Inf loss")
