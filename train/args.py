@@ -133,11 +133,6 @@ class ModelConfig:
     lora_dropout: float = 0.0
     save_adapter: bool = False
 
-    def backbone_options(self):
-        from train.models.backbone import BackboneOptions
-        return BackboneOptions(self.attention, self.gradient_checkpointing, self.lora_rank, self.lora_alpha,
-                               self.lora_targets, self.lora_dropout, self.pooling)
-
 
 @dataclass(frozen=True)
 class TrainingConfig:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sentence_transformers import SentenceTransformer
 
+from train.args import ModelConfig
 from train.models.attention import SoftMask, release_bidirectional, released_attention, set_attention
 from train.models.decoder import backbone, is_decoder_only, prepare_decoder
 from train.models.lora import add_lora, has_lora, merge_lora, save_adapter
@@ -69,6 +70,12 @@ class Backbone:
         if self.decoder and self.release_attention == "bidirectional":
             release_bidirectional(backbone(model))
         return model
+
+
+def backbone_options(model: ModelConfig) -> BackboneOptions:
+    """The backbone flags of a run (train/args.py's model and LoRA groups)."""
+    return BackboneOptions(model.attention, model.gradient_checkpointing, model.lora_rank, model.lora_alpha,
+                           model.lora_targets, model.lora_dropout, model.pooling)
 
 
 def has_sentence_transformers_config(source: str, local_only: bool) -> bool:

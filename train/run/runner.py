@@ -88,7 +88,7 @@ def open_backbone(name: str, config: RunConfig, micro_batch: int, world: int):
     transformers enters while an HfDeepSpeedConfig of the run's config is alive: each weight is
     partitioned as it is made and loaded shard by shard, so no rank ever holds the whole model
     (construction is collective then, so the ranks first agree that every one of them can reach it)."""
-    from train.models.backbone import has_sentence_transformers_config, prepare_backbone
+    from train.models.backbone import backbone_options, has_sentence_transformers_config, prepare_backbone
     from train.models.model import load_model, resolve_model
     training, m = config.training, config.model
     load = partial(load_model, max_length=m.max_length, pooling=m.pooling, dtype=m.model_dtype,
@@ -105,7 +105,7 @@ def open_backbone(name: str, config: RunConfig, micro_batch: int, world: int):
             del zero_init  # later loads (the export's rebuild) build whole models again
     else:
         model, source, local_only = local_rank_zero_first(load, name)
-    backbone = prepare_backbone(model, has_sentence_transformers_config(source, local_only), m.backbone_options())
+    backbone = prepare_backbone(model, has_sentence_transformers_config(source, local_only), backbone_options(m))
     return model, source, local_only, backbone
 
 
