@@ -140,6 +140,8 @@ ACTIVATIONS = dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536)
 WEIGHTS = dict(hidden=1024, layers=12, heads=16, kv_heads=4, intermediate=2816)    # 126M weights, 32 tokens
 MEMORY_ROWS = [("long texts: ZeRO-0", "activations", "zero0", []),
                ("long texts: ZeRO-0 + checkpointing", "activations", "zero0", ["--gradient-checkpointing"]),
+               ("long texts: ZeRO-3", "activations", "zero3", []),
+               ("long texts: ZeRO-3 + checkpointing", "activations", "zero3", ["--gradient-checkpointing"]),
                ("wide model: ZeRO-0", "weights", "zero0", []),
                ("wide model: ZeRO-3", "weights", "zero3", []),
                ("wide model: ZeRO-3 + LoRA r=16", "weights", "zero3", ["--lora-rank", "16"])]

@@ -101,17 +101,19 @@ def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_pr
             full = cache[key][1]
             return full if dim is None else full[:, :dim]
 
-    query = model.prompts.get("query", "")
+    # mteb's wrapper replaces model.prompts with the ones it is given: read the model's own, as first seen
+    own = model.__dict__.setdefault("own_prompts", dict(model.prompts))
+    query = own.get("query", "")
     symmetric = query if symmetric_prompt is None else symmetric_prompt
-    typed = task_type_prompts(model)  # kept even when empty: "" is how a document goes bare after an instruction
-    prompts = {"query": query, "document": document_prompt(model), **dict.fromkeys(SYMMETRIC_TYPES, symmetric), **typed}
+    typed = task_type_prompts(own)  # kept even when empty: "" is how a document goes bare after an instruction
+    prompts = {"query": query, "document": document_prompt(own), **dict.fromkeys(SYMMETRIC_TYPES, symmetric), **typed}
     encoder = CachedTruncated(model, model_prompts={k: v for k, v in prompts.items() if v or k in typed})
     suffix = f"-dim{dim}" if dim else ""
     encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(name=f"local/{name}{suffix}", revision=revision))
     return encoder
 
 
-def task_type_prompts(model) -> dict[str, str]:
+def task_type_prompts(prompts: dict[str, str]) -> dict[str, str]:
     """The model's prompts named by a C-MTEB task type ("Retrieval-query", "STS", ...): what a model
     fine-tuned with task instructions saved (train/kinds/base.py's release_prompts). mteb looks a
     task's prompt up by its type before the plain query/document ones, so each task type is encoded
@@ -120,16 +122,15 @@ def task_type_prompts(model) -> dict[str, str]:
 
     from mteb.abstasks.task_metadata import TaskType
     types = set(get_args(TaskType))
-    return {name: prompt for name, prompt in model.prompts.items()
-            if name.rsplit("-", 1)[0] in types or name in types}
+    return {name: prompt for name, prompt in prompts.items() if name.rsplit("-", 1)[0] in types or name in types}
 
 
-def document_prompt(model) -> str:
+def document_prompt(prompts: dict[str, str]) -> str:
     """The prompt documents are encoded with: the model's "document" prompt, else its "passage" one.
     sentence-transformers gives every model a "document" prompt, "" where the model's config names
     none, so an e5-style model (prompts "query" and "passage") would otherwise encode its documents
     bare, without the prompt it was trained with."""
-    return model.prompts.get("document") or model.prompts.get("passage", "")
+    return prompts.get("document") or prompts.get("passage", "")
 
 
 def model_revision(path: Path, settings: object = None) -> str:
