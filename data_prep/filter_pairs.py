@@ -9,53 +9,31 @@ The paper scores its ~750M pairs with bge-large-zh-v1.5 (cosine of the two embed
 chunks of --chunk-size pairs; each chunk is encoded in large batches (sentence-transformers sorts a
 call's texts by length, so a whole chunk pads little), on several devices or CPU processes with
 --devices. After each chunk the output is flushed to disk and a progress file records how far it
-got, so a killed run continues where it stopped (no duplicate, no hole, never half a line).
+got, so a killed run continues where it stopped (no duplicate, no hole, never half a line): the
+machinery is data_prep/chunked.py's, shared with score_teacher.py.
 At the end: a report (counts, a score histogram PNG) so the threshold can be chosen.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 
+from data_prep.chunked import ChunkedJob
 from train.input.records import DataError, json_object, text_field, text_list
 
 BINS = np.linspace(-1.0, 1.0, 41)
 
 
-def read_chunks(paths: list[Path], chunk_size: int, start: int, skip_bad: bool, skipped: list):
-    """Chunks of (where, record) from the global line `start` on; bad lines raise or are collected."""
-    chunk, index = [], 0
-    for path in paths:
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                index += 1
-                if index <= start or not raw.strip():
-                    if index > start:
-                        chunk.append(None)  # a blank line still counts as consumed input
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json_object(raw.decode("utf-8"), "query", "pos")
-                    record["query"] = text_field(record["query"], "query")
-                    record["pos"] = text_list(record["pos"], "pos", allow_str=True)
-                    chunk.append((where, record))
-                except (UnicodeDecodeError, ValueError) as e:
-                    err = f"{where}: {'not valid UTF-8' if isinstance(e, UnicodeDecodeError) else e}"
-                    if not skip_bad:
-                        raise DataError(err) from None
-                    skipped.append(err)
-                    chunk.append(None)
-                if len(chunk) >= chunk_size:
-                    yield chunk
-                    chunk = []
-    if chunk:
-        yield chunk
+def parse_pair(line: str) -> dict:
+    record = json_object(line, "query", "pos")
+    record["query"] = text_field(record["query"], "query")
+    record["pos"] = text_list(record["pos"], "pos", allow_str=True)
+    return record
 
 
 class Scorer:
@@ -91,30 +69,6 @@ def all_gpus() -> list[str] | None:
     return [f"cuda:{i}" for i in range(n)] if n > 1 else None
 
 
-def _crash_point(chunk_index: int) -> None:
-    """Test hook: die like a SIGKILL after writing a chunk's output but before recording progress."""
-    if os.environ.get("CONAN_FILTER_CRASH_AFTER_CHUNK") == str(chunk_index):
-        os._exit(137)
-
-
-def load_progress(progress: Path, inputs: list[str], output: Path, threshold: float) -> dict:
-    """The saved progress of an earlier run of the same job, with the output cut back to what it recorded."""
-    fresh = {"inputs": inputs, "threshold": threshold, "lines_done": 0, "output_bytes": 0, "scores_bytes": 0,
-             "pairs": 0, "kept_pairs": 0, "kept_lines": 0, "dropped_lines": 0, "hist": [0] * (len(BINS) - 1),
-             "skipped": 0, "chunks": 0}
-    if not progress.is_file():
-        return fresh
-    state = json.loads(progress.read_text())
-    if state["inputs"] != inputs or state["threshold"] != threshold:
-        raise SystemExit(f"{progress}: an earlier run with other inputs or threshold; delete it (and {output}) to start over")
-    return state
-
-
-def truncate(path: Path, size: int) -> None:
-    with open(path, "ab") as f:
-        f.truncate(size)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -133,72 +87,48 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     inputs = [str(Path(p).resolve()) for p in args.input]
-    for p in inputs:
-        if not Path(p).is_file():
-            raise SystemExit(f"data error: {p}: no such file")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    progress_path = output.with_name(output.name + ".progress.json")
-    state = load_progress(progress_path, inputs, output, args.threshold)
     scores_path = Path(args.scores_output) if args.scores_output else None
-    for path, size in ((output, state["output_bytes"]), (scores_path, state["scores_bytes"])):
-        if path is not None:
-            path.touch()
-            truncate(path, size)  # drop anything written after the last recorded chunk
-    if state["lines_done"]:
+    job = ChunkedJob(Path(args.output), inputs, settings={"threshold": args.threshold},
+                     counters={"pairs": 0, "kept_pairs": 0, "kept_lines": 0, "dropped_lines": 0, "skipped": 0,
+                               "hist": [0] * (len(BINS) - 1)}, extra=[scores_path])
+    state = job.state
+    if job.resumed:
         print(f"resuming after {state['lines_done']} input lines ({state['chunks']} chunks)")
 
     devices = all_gpus() if args.devices == "auto" else args.devices.split(",")
     scorer = Scorer(args.model, devices, args.batch_size, args.query_prompt, args.passage_prompt)
     skipped: list[str] = []
     t0, pairs_this_run = time.time(), 0
-    out = open(output, "a", encoding="utf-8")
-    scores_out = open(scores_path, "a", encoding="utf-8") if scores_path else None
     try:
-        for chunk in read_chunks([Path(p) for p in inputs], args.chunk_size, state["lines_done"], args.skip_bad, skipped):
-            items = [c for c in chunk if c is not None]
-            flat = [(i, p) for i, (_, r) in enumerate(items) for p in r["pos"]]
-            scores = scorer.scores([items[i][1]["query"] for i, _ in flat], [p for _, p in flat]) if flat else np.zeros(0)
-            per_line: list[list[float]] = [[] for _ in items]
-            for (i, _), s in zip(flat, scores):
-                per_line[i].append(float(s))
-            for (where, record), line_scores in zip(items, per_line):
-                kept = [p for p, s in zip(record["pos"], line_scores) if s >= args.threshold]
-                if kept:
-                    out.write(json.dumps({**record, "pos": kept}, ensure_ascii=False) + "\n")
-                    state["kept_lines"] += 1
-                else:
-                    state["dropped_lines"] += 1
-                if scores_out:
-                    scores_out.write(json.dumps({"where": where, "scores": [round(s, 5) for s in line_scores]}) + "\n")
-                state["kept_pairs"] += len(kept)
-            for f in (out, scores_out):
-                if f:
-                    f.flush()
-                    os.fsync(f.fileno())
-            _crash_point(state["chunks"] + 1)
-            state["hist"] = (np.asarray(state["hist"]) + np.histogram(np.clip(scores, -1, 1), BINS)[0]).tolist()
-            state["lines_done"] += len(chunk)
-            state["pairs"] += len(flat)
-            state["skipped"] += sum(1 for c in chunk if c is None)  # blank and skipped lines
-            state["output_bytes"] = out.tell()
-            state["scores_bytes"] = scores_out.tell() if scores_out else 0
-            state["chunks"] += 1
-            tmp = progress_path.with_name(progress_path.name + ".tmp")
-            tmp.write_text(json.dumps(state))
-            tmp.replace(progress_path)  # atomic: the progress always describes a whole chunk
-            pairs_this_run += len(flat)
-            rate = pairs_this_run / (time.time() - t0)
-            print(f"chunk {state['chunks']}: {state['lines_done']} lines, {state['kept_lines']} kept, {rate:,.0f} pairs/s",
-                  flush=True)
+        with job.files() as (out, scores_out):
+            for chunk in job.chunks(args.chunk_size, parse_pair, args.skip_bad, skipped):
+                items = [c for c in chunk if c is not None]
+                flat = [(i, p) for i, (_, r) in enumerate(items) for p in r["pos"]]
+                scores = scorer.scores([items[i][1]["query"] for i, _ in flat], [p for _, p in flat]) if flat else np.zeros(0)
+                per_line: list[list[float]] = [[] for _ in items]
+                for (i, _), s in zip(flat, scores):
+                    per_line[i].append(float(s))
+                kept_lines = kept_pairs = 0
+                for (where, record), line_scores in zip(items, per_line):
+                    kept = [p for p, s in zip(record["pos"], line_scores) if s >= args.threshold]
+                    if kept:
+                        out.write(json.dumps({**record, "pos": kept}, ensure_ascii=False) + "\n")
+                        kept_lines += 1
+                    if scores_out:
+                        scores_out.write(json.dumps({"where": where, "scores": [round(s, 5) for s in line_scores]}) + "\n")
+                    kept_pairs += len(kept)
+                state["hist"] = (np.asarray(state["hist"]) + np.histogram(np.clip(scores, -1, 1), BINS)[0]).tolist()
+                job.commit(len(chunk), pairs=len(flat), kept_pairs=kept_pairs, kept_lines=kept_lines,
+                           dropped_lines=len(items) - kept_lines, skipped=len(chunk) - len(items))
+                pairs_this_run += len(flat)
+                rate = pairs_this_run / (time.time() - t0)
+                print(f"chunk {state['chunks']}: {state['lines_done']} lines, {state['kept_lines']} kept, "
+                      f"{rate:,.0f} pairs/s", flush=True)
     except DataError as e:
         raise SystemExit(f"data error: {e}\n(pass --skip-bad to skip and count such lines)") from None
     finally:
-        out.close()
-        if scores_out:
-            scores_out.close()
         scorer.close()
-    report = write_report(output, state, args.threshold, skipped)
+    report = write_report(job.output, state, args.threshold, skipped)
     print(f"kept {state['kept_lines']} of {state['kept_lines'] + state['dropped_lines']} lines "
           f"({state['kept_pairs']} of {state['pairs']} pairs) at threshold {args.threshold}; report: {report}")
     if skipped:

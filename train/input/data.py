@@ -259,9 +259,10 @@ class JsonlStream:
 
 
 def PairStream(paths: list[Path], global_batch: int, num_negatives: int = 0, sample_negatives: bool = True,
-               **kwargs) -> JsonlStream:
-    """The stream of {query, pos[, neg[, neg_pool]]} examples."""
-    return JsonlStream(paths, global_batch, make=pair_maker(num_negatives, sample_negatives), length=pair_length, **kwargs)
+               need_scores: bool = False, **kwargs) -> JsonlStream:
+    """The stream of {query, pos[, neg[, neg_pool]]} examples (need_scores: with a teacher's scores, for distillation)."""
+    return JsonlStream(paths, global_batch, make=pair_maker(num_negatives, sample_negatives, need_scores),
+                       length=pair_length, **kwargs)
 
 
 def rank_slice(global_batch: list[Example], rank: int, world: int) -> list[Example]:

@@ -4,6 +4,10 @@ Formats (FlagEmbedding's): one JSON object per line,
     {"query": str, "pos": str | [str, ...]}                       weakly supervised pairs
     {"query": str, "pos": [str, ...], "neg": [str, ...]}          with hard negatives
     + "neg_pool", "neg_scores", "neg_pool_scores"                 ranked pools for dynamic mining
+    + "pos_scores", "neg_scores"                                   a teacher's scores (distillation)
+
+Scores are one finite number per text of the field they score; they travel with their texts through
+sampling, shuffling and mining (a mined negative brings its score from the pool).
 
 A bad line raises DataError naming its file and line, or with --skip-bad-lines is counted in a
 SkipReport, so nothing is dropped silently. train/input/data.py streams these examples in batches.
@@ -11,6 +15,7 @@ SkipReport, so nothing is dropped silently. train/input/data.py streams these ex
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ class Example:
     neg_scores: list[float] = field(default_factory=list)   # mining model's scores of `neg` (S0 of mining)
     pool_scores: list[float] = field(default_factory=list)  # ... and of `pool`
     positives: list[str] = field(default_factory=list)  # every positive of the line (none is a negative of it)
+    pos_score: float | None = None  # the teacher's score of `pos` (distillation), when the line has pos_scores
 
 
 @dataclass
@@ -88,6 +94,7 @@ class Record:
     pool: list[str]
     neg_scores: list[float]
     pool_scores: list[float]
+    pos_scores: list[float] = field(default_factory=list)
 
 
 def _scores(obj: dict, key: str, texts: list[str], of: str) -> list[float]:
@@ -96,6 +103,8 @@ def _scores(obj: dict, key: str, texts: list[str], of: str) -> list[float]:
         raise ValueError(f"'{key}' must be a list of numbers")
     if value and len(value) != len(texts):
         raise ValueError(f"'{key}' has {len(value)} scores for {len(texts)} '{of}' texts")
+    if not all(math.isfinite(x) for x in value):
+        raise ValueError(f"'{key}' holds a value that is not a finite number")
     return [float(x) for x in value]
 
 
@@ -112,24 +121,32 @@ def parse_record(line: str, num_negatives: int) -> Record:
         raise ValueError(f"no 'neg' texts, but {num_negatives} hard negatives per example were asked for")
     pool = text_list(obj.get("neg_pool", []), "neg_pool", allow_str=False)
     return Record(query, pos, neg, pool, _scores(obj, "neg_scores", neg, "neg"),
-                  _scores(obj, "neg_pool_scores", pool, "neg_pool"))
+                  _scores(obj, "neg_pool_scores", pool, "neg_pool"), _scores(obj, "pos_scores", pos, "pos"))
 
 
-def pair_maker(num_negatives: int, sample: bool = True) -> Callable[[str, random.Random, str], Example]:
-    """Line -> Example with one positive and num_negatives negatives.
+def pair_maker(num_negatives: int, sample: bool = True, need_scores: bool = False) -> Callable[[str, random.Random, str], Example]:
+    """Line -> Example with one positive and num_negatives negatives, each with its score if the line has them.
 
     sample: negatives drawn afresh each epoch (as FlagEmbedding does); otherwise the first ones in
-    order (dynamic mining tracks the scores of a fixed set).
+    order (dynamic mining tracks the scores of a fixed set). need_scores: a line without a teacher's
+    `pos_scores` and `neg_scores` is bad (distillation). Indices are drawn, not texts, with the same
+    random calls as drawing the texts, so each text keeps its score and the data order is unchanged.
     """
     def make(line: str, rng: random.Random, source: str) -> Example:
         r = parse_record(line, num_negatives)
-        neg, picked, scores = r.neg, [], []
+        if need_scores and not (r.pos_scores and (r.neg_scores or not num_negatives)):
+            raise ValueError("distillation needs the teacher's 'pos_scores' and 'neg_scores' on every line "
+                             "(data_prep/score_teacher.py writes them)")
+        neg, order = r.neg, []
         if num_negatives > 0 and sample:
-            picked = rng.sample(neg, num_negatives) if len(neg) >= num_negatives else rng.choices(neg, k=num_negatives)
+            order = rng.sample(range(len(neg)), num_negatives) if len(neg) >= num_negatives else \
+                rng.choices(range(len(neg)), k=num_negatives)
         elif num_negatives > 0:
             order = [i % len(neg) for i in range(num_negatives)]
-            picked, scores = [neg[i] for i in order], [r.neg_scores[i] for i in order] if r.neg_scores else []
-        return Example(r.query, rng.choice(r.pos), picked, source, r.pool, scores, r.pool_scores, r.pos)
+        picked, scores = [neg[i] for i in order], [r.neg_scores[i] for i in order] if r.neg_scores else []
+        p = rng.choice(range(len(r.pos)))
+        return Example(r.query, r.pos[p], picked, source, r.pool, scores, r.pool_scores, r.pos,
+                       r.pos_scores[p] if r.pos_scores else None)
     return make
 
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from train.input.data import PairStream
 from train.losses.cbb import gather_negatives, retrieval_cbb
+from train.losses.distill import cbb_own_columns, distill, gathered_own_columns
+from train.losses.distributed import rank as group_rank, world_size as group_size
 from train.losses.infonce import false_negatives, gathered_candidates, info_nce
 from train.losses.matryoshka import matryoshka
 from train.input.records import pair_maker
@@ -36,7 +38,7 @@ class Retrieval(TaskKind):
     def stream(self, task, **common):
         # mined tasks keep a fixed set of negatives (the miner tracks their scores); others draw afresh
         return PairStream(task.files, task.batch_size, num_negatives=task.num_negatives,
-                          sample_negatives=task.mining is None, **common)
+                          sample_negatives=task.mining is None, need_scores=task.distill is not None, **common)
 
     def texts(self, task, global_batch, rank, miner=None):
         qp, pp = task.query_prompt, task.passage_prompt
@@ -59,6 +61,10 @@ class Retrieval(TaskKind):
             exclude = false_negatives(candidate_ids(batch, texts, settings, q.device), labels, group)
             value = matryoshka(info_nce, [q, candidates], dims, weights, labels=labels,
                                temperature=settings.temperature, exclude=exclude)
+            if task.distill:
+                own = gathered_own_columns(q.shape[0], task.num_negatives, group_rank(group), group_size(group),
+                                           q.device)
+                value = value + distillation(task, batch, miner, q, candidates, own, exclude, settings)
             own = own_negative_scores(q.detach(), neg.detach(), task.num_negatives, 1) if miner else None
             return TaskLoss(value, mining_scores(miner, batch, own) if miner else {}, count(exclude))
         neg_all = gather_negatives(neg, group)
@@ -67,12 +73,27 @@ class Retrieval(TaskKind):
                                   gather_pos=False)
         value = matryoshka(retrieval_cbb, [q, p, neg_all], dims, weights, temperature=settings.temperature,
                            exclude=exclude)
+        if task.distill:
+            own = cbb_own_columns(q.shape[0], task.negatives_per_rank, len(task.assigned), q.device)
+            value = value + distillation(task, global_batch, miner, q, torch.cat([p, neg_all]), own, exclude, settings)
         scores = {}
         if miner:  # the similarities the loss used, read back: no extra forward pass
             own = own_negative_scores(q.detach(), neg_all.detach(), task.negatives_per_rank, len(task.assigned))
             scores = mining_scores(miner, global_batch, own)
         # every rank of the task holds the same queries: their false negatives are counted once
         return TaskLoss(value, scores, count(exclude) if rank == task.assigned[0] else 0)
+
+
+def distillation(task, examples: list, miner, q, candidates, own, exclude, settings: LossSettings) -> torch.Tensor:
+    """weight x the task's distillation loss (losses/distill.py) at every Matryoshka dim, from the
+    teacher's scores of each query's positive and own negatives (a mined negative's from the pool)."""
+    spec, k = task.distill, own.shape[1] - 1
+    teacher = torch.tensor([[ex.pos_score] + (miner.negative_scores(ex.source, ex.neg_scores, ex.pool_scores)
+                                              if miner else ex.neg_scores)[:k] for ex in examples], device=q.device)
+    value = matryoshka(distill, [q, candidates], settings.dims, settings.weights, own=own, teacher=teacher,
+                       loss=spec["loss"], temperature=spec["temperature"] or settings.temperature,
+                       teacher_temperature=spec["teacher_temperature"], exclude=exclude)
+    return spec["weight"] * value
 
 
 def own_negative_scores(q: torch.Tensor, neg_all: torch.Tensor, per_rank: int, ranks: int) -> torch.Tensor:

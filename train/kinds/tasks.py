@@ -52,6 +52,7 @@ class Task:
     passage_prompt: str | None = None
     mining: dict | None = None       # dynamic hard-negative mining (retrieval): MiningRule fields
     instruction: str | None = None   # LLM embedders: the query-side task instruction
+    distill: dict | None = None      # retrieval: distillation from the data's teacher scores (losses/distill.py)
     assigned: list[int] = field(default_factory=list)   # ranks that run it, filled by assign_ranks
     split_queries: bool = False      # retrieval: each rank its own queries (random schedule), not CBB's shared ones
 
@@ -111,7 +112,7 @@ def load_data_config(path: str | Path) -> DataConfig:
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: expected a mapping")
         unknown = set(spec) - {"type", "files", "batch_size", "num_negatives", "ranks", "weight",
-                               "query_prompt", "passage_prompt", "mining", "instruction"}
+                               "query_prompt", "passage_prompt", "mining", "instruction", "distill"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         if spec.get("type") not in TASK_TYPES:
@@ -135,6 +136,7 @@ def load_data_config(path: str | Path) -> DataConfig:
         if task.instruction is not None and not isinstance(task.instruction, str):
             raise ConfigError(f"{where}: 'instruction' must be a string, got {task.instruction!r}")
         task.mining = _mining(where, spec.get("mining"), task.type)
+        task.distill = _distill(where, spec.get("distill"), task.type)
         if task.batch_size < kind.min_batch:
             raise ConfigError(f"{where}: a {task.type} task's loss compares examples with each other; "
                               f"batch_size must be >= {kind.min_batch}")
@@ -161,6 +163,31 @@ def _mining(where: str, value, task_type: str) -> dict | None:
     rule = {**{k: getattr(base, k) for k in fields}, **{k: value[k] for k in fields & set(value)}, "name": base.name}
     if not isinstance(rule["interval"], int) or rule["interval"] < 1:
         raise ConfigError(f"{where}: mining interval must be an integer >= 1")
+    return rule
+
+
+def _distill(where: str, value, task_type: str) -> dict | None:
+    """`distill: kl` / `m3`, or a mapping: {loss: kl|m3, weight: 1.0, temperature: (the run's),
+    teacher_temperature: 1.0}; the task's lines must then carry pos_scores and neg_scores."""
+    from train.losses.distill import DISTILL_LOSSES
+    if value in (None, "off", False):
+        return None
+    if task_type != "retrieval":
+        raise ConfigError(f"{where}: 'distill' applies to retrieval tasks (their lines carry the teacher's scores)")
+    if isinstance(value, str):
+        value = {"loss": value}
+    if not isinstance(value, dict) or value.get("loss", "kl") not in DISTILL_LOSSES:
+        raise ConfigError(f"{where}: 'distill' must be {' or '.join(DISTILL_LOSSES)}, or a mapping with loss: "
+                          f"{'|'.join(DISTILL_LOSSES)}")
+    unknown = set(value) - {"loss", "weight", "temperature", "teacher_temperature"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown distill keys {sorted(unknown)}")
+    rule = {"loss": value.get("loss", "kl"), "weight": value.get("weight", 1.0),
+            "temperature": value.get("temperature"), "teacher_temperature": value.get("teacher_temperature", 1.0)}
+    for key in ("weight", "temperature", "teacher_temperature"):
+        if rule[key] is not None and (not isinstance(rule[key], (int, float)) or isinstance(rule[key], bool)
+                                      or rule[key] <= 0):
+            raise ConfigError(f"{where}: distill {key} must be a number > 0, got {rule[key]!r}")
     return rule
 
 

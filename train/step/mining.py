@@ -126,6 +126,15 @@ class HardNegativeMiner:
         start, end = self.pool_slice(i)
         return pool[start:end]
 
+    def negative_scores(self, example_id: str, initial_scores: list[float], pool_scores: list[float]) -> list[float]:
+        """The scores of what `negatives` returns: the initial negatives' or the pool slice's (a swapped-in
+        negative brings its score from the pool; empty where the data has none)."""
+        i = self._replaced(example_id)
+        if i == 0:
+            return initial_scores
+        start, end = self.pool_slice(i)
+        return pool_scores[start:end]
+
     def mined_score(self, example_id: str, initial_scores: list[float], pool_scores: list[float]) -> float | None:
         """S0 of the example's current negatives from the offline scores (None if the data has none)."""
         i = self._replaced(example_id)
