@@ -149,9 +149,32 @@ def test_finetune_leaves_out_and_reports_every_false_negative(tiny_model, tmp_pa
     config = paired_cmrc_task(tmp_path / "data")
     common = ["--model", str(tiny_model), "--data-config", str(config), "--max-steps", "2", "--expand-dim", "0",
               "--mrl-dims", "none", "--max-length", "32", "--task-schedule", schedule, "--merge-weight", "1"]
-    masked = deepspeed_launch(ROOT / "train/finetune.py", *common, "--output-dir", str(tmp_path / "masked"))
+    masked = deepspeed_launch(ROOT / "train/finetune.py", *common, "--output-dir", str(tmp_path / "masked"),
+                              "--false-negative-margin", "0.0")
     assert "false negatives left out of InfoNCE (a query's positive among its candidates again): 16" in masked.stdout
+    summary = json.loads((tmp_path / "masked/summary.json").read_text())  # the score guard, counted beside them
+    assert summary["false_negatives"] == 16
+    assert f"(above the positive by more than 0): {summary['score_guarded']}" in masked.stdout
     kept = deepspeed_launch(ROOT / "train/finetune.py", *common, "--output-dir", str(tmp_path / "kept"),
                             "--no-mask-false-negatives")
     assert "false negatives left out" not in kept.stdout and "done: 2 steps" in kept.stdout
     assert "kept as negatives" in (tmp_path / "kept/final/README.md").read_text()
+
+
+def test_the_score_guard_leaves_out_what_outscores_the_positive_by_the_margin():
+    from train.losses.infonce import guarded, info_nce, score_guard
+    q = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    cands = F.normalize(torch.tensor([[0.6, 0.8], [0.0, 1.0], [1.0, 0.05], [0.8, 0.6]]), dim=-1)
+    labels = torch.tensor([0, 1])
+    guard = score_guard(q, cands, labels, margin=0.1)
+    # query 0: positive 0.6; candidate 2 (0.999) and 3 (0.8) are above 0.7; query 1: positive 1.0, none above
+    assert guard.tolist() == [[False, False, True, True], [False, False, False, False]]
+    copies = torch.tensor([[False, False, True, False], [False, False, False, False]])
+    exclude, added = guarded(copies, guard)
+    assert added == 1 and exclude.tolist() == [[False, False, True, True], [False, False, False, False]]
+    s = q @ cands.T / TEMPERATURE
+    want = torch.stack([torch.logsumexp(s[0, :2], 0) - s[0, 0], torch.logsumexp(s[1], 0) - s[1, 1]]).mean()
+    assert info_nce(q, cands, labels, TEMPERATURE, exclude).item() == pytest.approx(want.item(), rel=1e-3)
+    loss = InfoNCELoss(TEMPERATURE, margin=0.1)
+    loss(q, cands[:2], cands[2:])
+    assert loss.guarded == 2

@@ -72,6 +72,9 @@ def add_training_args(g) -> None:
                    help="leave out of each query's InfoNCE denominator the candidates whose text is one of its "
                         "positives (another query's copy of the same passage), as sentence-transformers' "
                         "no-duplicates batches do; counted and reported")
+    g.add_argument("--false-negative-margin", type=float, default=None,
+                   help="also leave out a candidate whose cosine with the query exceeds its positive's by more than "
+                        "this (Qwen3-Embedding's guard against unlabelled positives: 0.1); counted in summary.json")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPUs that have it")
     g.add_argument("--mini-batch", type=int, default=0,
                    help="GradCache: encode in mini-batches of this many texts and take the loss on the whole "
@@ -151,6 +154,7 @@ class TrainingConfig:
     log_steps: int
     seed: int
     expansion_lr: float | None = None   # fine-tuning's expansion layer (its "losses" group)
+    false_negative_margin: float | None = None
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,8 @@ def open_model(args, config, run_settings, world: int):
         base = backbone.shaped_as_trained(set_pooling(base, args.pooling))
         return add_expansion_layer(base, added) if added else base
     return model, name, rebuild, backbone, f"{what}; MRL dims {dims or 'off'}", \
-        LossSettings(args.temperature, args.cosent_scale, dims, weights, args.mask_false_negatives)
+        LossSettings(args.temperature, args.cosent_scale, dims, weights, args.mask_false_negatives,
+                     args.false_negative_margin)
 
 
 def release_prompts(tasks: list) -> dict[str, str]:
@@ -258,6 +259,7 @@ def main(argv=None) -> None:
 
     # --- the loop: every task of this rank in the same number of forwards, CBB-scaled, one optimizer step
     false_negatives = 0  # left out of InfoNCE in this process's steps (copies of a query's positive)
+    score_guarded = 0    # ... and by the score guard (--false-negative-margin)
     while not run.done:
         now = tasks_this_step(tasks, rank, run.step, args.task_schedule, args.seed)
         step_batches = run.fetch(lambda: read_step(now), client_state, undo_read)
@@ -267,6 +269,7 @@ def main(argv=None) -> None:
         if not run.optimize(result.total, result.sources, backward=cache.backward if cache else None):
             continue
         false_negatives += result.false_negatives
+        score_guarded += result.guarded
         for t in now:  # each task rank holds 1/|R_t| of the task's mean
             run.record(t.name, result.losses[t.name], weight=1.0 / len(t.assigned))
         run.record(now[0].name, result.total.new_zeros(()), weight=0.0, tokens=result.tokens)
@@ -278,6 +281,7 @@ def main(argv=None) -> None:
     for reader in batches.values():
         close_prefetch(reader)
     false_negatives = run.report_false_negatives(false_negatives)
+    score_guarded = run.report_score_guarded(score_guarded)
 
     # --- the release folder
     backbone.at_step(total_steps, total_steps)  # the engine encodes the probes as training ended
@@ -288,7 +292,7 @@ def main(argv=None) -> None:
                        probe_prompt=tasks[0].query_prompt, rebuild=rebuild, prompts=release_prompts(tasks),
                        finalize=lambda m: backbone.finalize(m, adapter_dir, base_name))
     run.finish(examples=examples_trained(tasks, run.step, args.task_schedule, args.seed),
-               false_negatives=false_negatives, release=str(final),
+               false_negatives=false_negatives, score_guarded=score_guarded, release=str(final),
                skipped_lines={n: s.skipped.total for n, s in streams.items()},
                mining={name: miner.summary(run.step) for name, miner in miners.items()})
     if run.is_main:

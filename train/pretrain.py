@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     position = saved_position(client)  # where in the data: epoch, and block and batch within it
     run = Run(engine, scheduler, config, total_steps, metrics=["infonce"], desc="pretrain", checkpoints=checkpoints,
               client=client)
-    loss_fn = InfoNCELoss(args.temperature)
+    loss_fn = InfoNCELoss(args.temperature, args.false_negative_margin)
     for note in backbone.notes:
         run.say(note)
     run.say(f"pre-training {model_source} on {stream.num_lines} lines from {len(stream.paths)} files, "
@@ -191,7 +191,9 @@ def main(argv=None) -> None:
                        probe_prompt=query_prompt, rebuild=rebuild, prompts=prompts,
                        finalize=lambda m: backbone.finalize(m, adapter_dir, model_source))
     false_negatives = run.report_false_negatives(loss_fn.excluded)
+    score_guarded = run.report_score_guarded(loss_fn.guarded)
     run.finish(examples=run.step * args.batch_size * world, false_negatives=false_negatives,
+               score_guarded=score_guarded,
                skipped_lines=stream.skipped.total, release=str(final))
     if run.is_main:
         report_data(stream)

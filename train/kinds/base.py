@@ -29,6 +29,7 @@ class LossSettings:
     dims: list[int] | None = None         # Matryoshka dims (None: the full width only)
     weights: list[float] | None = None
     mask_false_negatives: bool = True     # leave copies of a query's positive out of its InfoNCE denominator
+    false_negative_margin: float | None = None  # and candidates scoring above the positive by more (score guard)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TaskLoss:
     value: torch.Tensor
     scores: dict = field(default_factory=dict)   # mined tasks: {example id: (Si, pool size, S0)}
     false_negatives: int = 0                     # candidates left out as copies of a query's positive
+    guarded: int = 0                             # ... and by the score guard (--false-negative-margin)
 
 
 class TaskKind:
@@ -93,6 +95,14 @@ def candidate_ids(examples: list, texts: list[TextGroup] | None, settings: LossS
     if not (settings.mask_false_negatives and texts):
         return None
     return retrieval_ids(examples, texts[1][0], texts[2][0] if len(texts) > 2 else (), device)
+
+
+def with_score_guard(exclude, q, candidates, labels, settings: LossSettings):
+    """(exclude with the score guard's candidates added, how many it added); unchanged without a margin."""
+    from train.losses.infonce import guarded, score_guard
+    if settings.false_negative_margin is None:
+        return exclude, 0
+    return guarded(exclude, score_guard(q, candidates, labels, settings.false_negative_margin))
 
 
 def count(exclude: torch.Tensor | None) -> int:

@@ -30,6 +30,7 @@ class StepResult:
     tokens: int = 0
     sources: list[str] = field(default_factory=list)
     false_negatives: int = 0                                # candidates left out as copies of a query's positive
+    guarded: int = 0                                        # ... and by the score guard
 
 
 def task_groups(tasks: list[Task]) -> dict:
@@ -62,6 +63,7 @@ def step_loss(batches: dict[str, list], tasks: list[Task], encode: Callable, gro
                                      loss, miners.get(task.name), texts)
         at += len(texts)
         result.false_negatives += part.false_negatives
+        result.guarded += part.guarded
         result.total = result.total + task_scale(task.weight, world, len(task.assigned)) * part.value
         result.losses[task.name] = part.value
         result.scores[task.name] = part.scores

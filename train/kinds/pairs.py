@@ -11,7 +11,7 @@ from train.input.data import PairStream
 from train.losses.infonce import false_negatives, gathered_candidates, info_nce
 from train.losses.matryoshka import matryoshka
 from train.input.records import pair_maker
-from train.kinds.base import LossSettings, TaskKind, TaskLoss, candidate_ids, count, own_slice
+from train.kinds.base import LossSettings, TaskKind, TaskLoss, candidate_ids, count, own_slice, with_score_guard
 
 
 class Pairs(TaskKind):
@@ -34,5 +34,7 @@ class Pairs(TaskKind):
         batch = own_slice(task, global_batch, torch.distributed.get_rank())
         p_all, labels = gathered_candidates(q, p, None, group)
         exclude = false_negatives(candidate_ids(batch, texts, settings, q.device), labels, group)
+        copies = count(exclude)
+        exclude, guarded = with_score_guard(exclude, q, p_all, labels, settings)
         return TaskLoss(matryoshka(info_nce, [q, p_all], settings.dims, settings.weights, labels=labels,
-                                   temperature=settings.temperature, exclude=exclude), {}, count(exclude))
+                                   temperature=settings.temperature, exclude=exclude), {}, copies, guarded)

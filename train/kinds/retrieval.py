@@ -21,7 +21,7 @@ from train.losses.distributed import rank as group_rank, world_size as group_siz
 from train.losses.infonce import false_negatives, gathered_candidates, info_nce
 from train.losses.matryoshka import matryoshka
 from train.input.records import pair_maker
-from train.kinds.base import LossSettings, TaskKind, TaskLoss, candidate_ids, count, own_slice
+from train.kinds.base import LossSettings, TaskKind, TaskLoss, candidate_ids, count, own_slice, with_score_guard
 
 
 class Retrieval(TaskKind):
@@ -59,6 +59,8 @@ class Retrieval(TaskKind):
             batch = own_slice(task, global_batch, rank)
             candidates, labels = gathered_candidates(q, p, neg, group)
             exclude = false_negatives(candidate_ids(batch, texts, settings, q.device), labels, group)
+            copies = count(exclude)
+            exclude, guarded = with_score_guard(exclude, q, candidates, labels, settings)
             value = matryoshka(info_nce, [q, candidates], dims, weights, labels=labels,
                                temperature=settings.temperature, exclude=exclude)
             if task.distill:
@@ -66,11 +68,13 @@ class Retrieval(TaskKind):
                                            q.device)
                 value = value + distillation(task, batch, miner, q, candidates, own, exclude, settings)
             own = own_negative_scores(q.detach(), neg.detach(), task.num_negatives, 1) if miner else None
-            return TaskLoss(value, mining_scores(miner, batch, own) if miner else {}, count(exclude))
+            return TaskLoss(value, mining_scores(miner, batch, own) if miner else {}, copies, guarded)
         neg_all = gather_negatives(neg, group)
         labels = torch.arange(q.shape[0], device=q.device)
         exclude = false_negatives(candidate_ids(global_batch, texts, settings, q.device), labels, group,
                                   gather_pos=False)
+        copies = count(exclude)
+        exclude, guarded = with_score_guard(exclude, q, torch.cat([p, neg_all]), labels, settings)
         value = matryoshka(retrieval_cbb, [q, p, neg_all], dims, weights, temperature=settings.temperature,
                            exclude=exclude)
         if task.distill:
@@ -81,7 +85,8 @@ class Retrieval(TaskKind):
             own = own_negative_scores(q.detach(), neg_all.detach(), task.negatives_per_rank, len(task.assigned))
             scores = mining_scores(miner, global_batch, own)
         # every rank of the task holds the same queries: their false negatives are counted once
-        return TaskLoss(value, scores, count(exclude) if rank == task.assigned[0] else 0)
+        first = rank == task.assigned[0]
+        return TaskLoss(value, scores, copies if first else 0, guarded if first else 0)
 
 
 def distillation(task, examples: list, miner, q, candidates, own, exclude, settings: LossSettings) -> torch.Tensor:

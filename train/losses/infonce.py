@@ -15,6 +15,10 @@ positives (another query with the same passage, or that passage mined as another
 negative). Counted as negatives they would push q_i away from its own positive; they are left out
 of the denominator, which is what sentence-transformers' no-duplicates batches achieve by sampling.
 Texts are compared by 64-bit ids (train/losses/text_ids.py), gathered with the candidates.
+
+A second, score-based guard (Qwen3-Embedding's, arXiv 2506.05176): with a margin m, a candidate c
+scoring s(q_i, c) > s(q_i, p_i) + m is taken for an unlabelled positive and also left out of the
+denominator (`score_guard`; off unless --false-negative-margin is given).
 """
 from __future__ import annotations
 
@@ -44,6 +48,24 @@ def info_nce(q: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, te
     if exclude is not None:
         logits = logits.masked_fill(exclude, float("-inf"))
     return F.cross_entropy(logits, labels)
+
+
+def score_guard(q: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """[B, C] True where a candidate's cosine with the query exceeds that of its positive (column labels[i])
+    by more than `margin`; computed without gradients, at the full width."""
+    with torch.no_grad():
+        s = F.normalize(q.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T
+        guard = s > s.gather(1, labels[:, None]) + margin
+        guard[torch.arange(len(labels), device=labels.device), labels] = False
+    return guard
+
+
+def guarded(exclude: torch.Tensor | None, guard: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+    """(the exclude mask with the score guard's candidates added, how many the guard added)."""
+    if guard is None:
+        return exclude, 0
+    added = guard if exclude is None else guard & ~exclude
+    return (guard if exclude is None else exclude | guard), int(added.sum())
 
 
 def copies_of_positives(positives: torch.Tensor, candidate_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -86,12 +108,13 @@ class InfoNCELoss(nn.Module):
     copies of a query's positive among its candidates are left out (false negatives, above).
     """
 
-    def __init__(self, temperature: float = 0.02):
+    def __init__(self, temperature: float = 0.02, margin: float | None = None):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = temperature
+        self.temperature, self.margin = temperature, margin
         self.excluded = 0  # false negatives left out so far (this rank's queries), for the run's report
+        self.guarded = 0   # ... and left out by the score guard
 
     def forward(self, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None,
                 ids: TextIds | None = None) -> torch.Tensor:
@@ -99,4 +122,7 @@ class InfoNCELoss(nn.Module):
         exclude = false_negatives(ids, labels)
         if exclude is not None:
             self.excluded += int(exclude.sum())
+        if self.margin is not None:
+            exclude, added = guarded(exclude, score_guard(q, candidates, labels, self.margin))
+            self.guarded += added
         return info_nce(q, candidates, labels, self.temperature, exclude)

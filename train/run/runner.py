@@ -246,6 +246,14 @@ class Run:
             print(f"false negatives left out of InfoNCE (a query's positive among its candidates again): {total}")
         return total
 
+    def report_score_guarded(self, left_out: int) -> int:
+        """Every rank calls it: the run's total of candidates the score guard left out (--false-negative-margin)."""
+        total = int(all_reduce_sum(left_out, self.engine.device))
+        if self.is_main and self.config.training.false_negative_margin is not None:
+            print(f"candidates left out by the score guard (above the positive by more than "
+                  f"{self.config.training.false_negative_margin:g}): {total}")
+        return total
+
     def finish(self, **facts) -> None:
         """OUTPUT_DIR/summary.json: the training figures, the steps skipped and what the script adds."""
         path = self.log.write_summary(world=self.world, skipped_steps=self.guard.skipped_steps, **facts)
