@@ -232,3 +232,46 @@ def test_two_ranks_share_one_mining_state_and_resume_continues_it(tiny_model, mi
             if ex[field] is not None:
                 assert got[field] == pytest.approx(ex[field], abs=1e-5)
     assert [c["replaced"] for c in resumed["checks"]] == [c["replaced"] for c in state["checks"]]
+
+
+def test_the_calibrated_rule_sets_its_thresholds_from_the_first_visits_and_keeps_them_on_resume():
+    import random as _random
+    from train.step.mining import HardNegativeMiner, MiningRule
+    rng = _random.Random(0)
+    # e5-like: every example's hard negatives start at cosine 0.82-0.92 and fall a little in training
+    s0 = {f"f:{i}": rng.uniform(0.82, 0.92) for i in range(400)}
+    drop = {k: rng.uniform(0.0, 0.06) for k in s0}
+    rules = {"v1": MiningRule(), "v2": MiningRule.v2(),
+             "calibrated": MiningRule(name="calibrated", calibrate_on=100, quantile=0.2, spread=1.0)}
+    replaced = {}
+    for name, rule in rules.items():
+        miner = HardNegativeMiner(2, rule)
+        ids = sorted(s0)
+        for step, start in enumerate(range(0, len(ids), 50)):  # every example visited once, 50 a step
+            miner.record(step, {k: (s0[k] - drop[k], 100, s0[k]) for k in ids[start:start + 50]})
+        replaced[name] = miner.summary(8)["replaced"]
+        if name == "calibrated":
+            first = sorted(s0[k] for k in ids[:100])
+            assert miner.rule.low == first[20]            # the 0.2 quantile of the first 100 S0
+            mean = sum(first) / 100
+            assert abs(miner.rule.drop - (sum((x - mean) ** 2 for x in first) / 100) ** 0.5) < 1e-12
+            # the first 100 visits only calibrate; of the rest, those under low or fallen by more than drop
+            want = sum(1 for k in ids[100:] if s0[k] < miner.rule.low or drop[k] > miner.rule.drop)
+            assert replaced[name] == want
+            resumed = HardNegativeMiner.from_state_dict(miner.state_dict())
+            assert (resumed.rule.low, resumed.rule.drop, resumed.calibration) == \
+                (miner.rule.low, miner.rule.drop, miner.calibration)
+            assert miner.summary(8)["rule"]["low"] == miner.rule.low   # recorded in the run's summary
+    # the fixed-cosine rules hardly act on scores this high; the calibrated one does
+    assert replaced["v1"] == 0 and replaced["v2"] == 0
+    assert replaced["calibrated"] >= 0.05 * 300
+
+
+def test_mining_calibrated_in_a_task_config(tmp_path):
+    import json as _json
+    from train.kinds.tasks import load_data_config
+    path = tmp_path / "c.json"
+    path.write_text(_json.dumps({"tasks": {"r": {"type": "retrieval", "files": [str(ROOT / "data/demo/finetune/retrieval.jsonl")], "batch_size": 4,
+                                                 "num_negatives": 2, "mining": {"rule": "calibrated", "quantile": 0.1}}}}))
+    rule = load_data_config(path).tasks[0].mining
+    assert rule["name"] == "calibrated" and rule["quantile"] == 0.1 and rule["calibrate_on"] == 256

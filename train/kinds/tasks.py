@@ -145,7 +145,8 @@ def load_data_config(path: str | Path) -> DataConfig:
 
 
 def _mining(where: str, value, task_type: str) -> dict | None:
-    """`mining: v1` / `v2` / `off`, or a mapping of MiningRule fields (rule, interval, factor, abs_limit, offset)."""
+    """`mining: v1` / `v2` / `calibrated` / `off`, or a mapping of MiningRule fields (rule, interval, factor,
+    abs_limit, offset; calibrated: calibrate_on, quantile, spread)."""
     from train.step.mining import MiningRule
     if value in (None, "off", False):
         return None
@@ -153,13 +154,13 @@ def _mining(where: str, value, task_type: str) -> dict | None:
         raise ConfigError(f"{where}: 'mining' applies to retrieval tasks only")
     if isinstance(value, str):
         value = {"rule": value}
-    if not isinstance(value, dict) or value.get("rule", "v1") not in ("v1", "v2"):
-        raise ConfigError(f"{where}: 'mining' must be v1, v2, off, or a mapping with rule: v1|v2")
-    fields = {"interval", "factor", "abs_limit", "easy_start", "offset"}
+    if not isinstance(value, dict) or value.get("rule", "v1") not in ("v1", "v2", "calibrated"):
+        raise ConfigError(f"{where}: 'mining' must be v1, v2, calibrated, off, or a mapping with rule: v1|v2|calibrated")
+    fields = {"interval", "factor", "abs_limit", "easy_start", "offset", "calibrate_on", "quantile", "spread"}
     unknown = set(value) - fields - {"rule"}
     if unknown:
         raise ConfigError(f"{where}: unknown mining keys {sorted(unknown)}")
-    base = MiningRule.v2() if value.get("rule") == "v2" else MiningRule()
+    base = {"v2": MiningRule.v2, "calibrated": MiningRule.calibrated}.get(value.get("rule"), MiningRule)()
     rule = {**{k: getattr(base, k) for k in fields}, **{k: value[k] for k in fields & set(value)}, "name": base.name}
     if not isinstance(rule["interval"], int) or rule["interval"] < 1:
         raise ConfigError(f"{where}: mining interval must be an integer >= 1")

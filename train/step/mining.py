@@ -19,6 +19,14 @@ replace if S0 < 0.4, or if 1.2 * Si < S0 and Si < 0.7. The i-th replacement take
 example. A pool too short for the next slice keeps the last negatives and is counted as exhausted.
 Every `interval` steps the counts since the last report are logged.
 
+Calibrated rule (`calibrated`): thresholds from the model's own score spread instead of fixed cosines,
+for bases whose hard negatives all score high (multilingual-e5: 0.82-0.92, where v1's |Si| < 0.8 hardly
+ever holds). The S0 of the first `calibrate_on` visits are collected (no replacement meanwhile); then
+low = their `quantile` and drop = `spread` x their standard deviation are fixed, recorded in the rule
+(so in checkpoints, OUTPUT_DIR/mining_<task>.json and the summary), and a visit is easy when
+S0 < low (among the easiest from the start, v2's S0 < 0.4 on the model's own scale) or S0 - Si > drop
+(its score fell by more than the spread, v1's drop on the model's own scale).
+
 The state is global: every rank applies the same updates in the same order (the scores of a step
 are shared with all ranks), so every rank holds the same state; the fingerprint compared across
 ranks is a running total, so no operation costs more than the examples it touches. It is saved in
@@ -32,22 +40,40 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class MiningRule:
-    name: str = "v1"                # v1 (the paper) or v2 (Conan-v2)
+    name: str = "v1"                # v1 (the paper), v2 (Conan-v2) or calibrated
     interval: int = 100             # steps between reports (decisions are made at every visit)
     factor: float = 1.15            # v1: Si * factor < S0;  v2: factor 1.2
     abs_limit: float = 0.8          # v1: |Si| < abs_limit;  v2: Si < 0.7
     easy_start: float = 0.4         # v2 only: S0 below this is easy from the start
     offset: int = 10                # pool ranks start at offset (skip the top: likely false negatives)
+    calibrate_on: int = 256         # calibrated: visits whose S0 set the thresholds
+    quantile: float = 0.25          # calibrated: low = this quantile of those S0
+    spread: float = 1.0             # calibrated: drop = this many standard deviations of those S0
+    low: float | None = None        # calibrated: the thresholds once set
+    drop: float | None = None
 
     @classmethod
     def v2(cls) -> "MiningRule":
         return cls(name="v2", interval=1, factor=1.2, abs_limit=0.7, easy_start=0.4)
+
+    @classmethod
+    def calibrated(cls) -> "MiningRule":
+        return cls(name="calibrated")
+
+    def calibrate(self, initial_scores: list[float]) -> None:
+        """Fix low and drop from the S0 of the first visits (calibrated rule)."""
+        ordered = sorted(initial_scores)
+        mean = sum(ordered) / len(ordered)
+        self.low = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+        self.drop = self.spread * (sum((x - mean) ** 2 for x in ordered) / len(ordered)) ** 0.5
 
     def dropped(self, s0: float, si: float) -> bool:
         """Si fell below S0 by the rule's factor (sign-safe: for S0 <= 0 the drop is of |S0|)."""
         return si * self.factor < s0 if s0 > 0 else si < s0 * self.factor
 
     def is_easy(self, s0: float, si: float) -> bool:
+        if self.name == "calibrated":
+            return self.low is not None and (s0 < self.low or s0 - si > self.drop)
         if self.name == "v2":
             return s0 < self.easy_start or (self.dropped(s0, si) and si < self.abs_limit)
         return self.dropped(s0, si) and abs(si) < self.abs_limit
@@ -90,6 +116,8 @@ class HardNegativeMiner:
     examples: dict[str, ExampleState] = field(default_factory=dict)
     history: list[tuple[int, float]] = field(default_factory=list)     # (step, mean negative score)
     checks: list[CheckStats] = field(default_factory=list)
+
+    calibration: list[float] = field(default_factory=list)            # calibrated rule: S0 seen so far
 
     def __post_init__(self):
         self._digest = 0
@@ -161,6 +189,11 @@ class HardNegativeMiner:
             self._update(example_id, state, initial=s0, current=score, pool_size=pool_size)
             self._since["checked"] += 1
             self._since["score_sum"] += score
+            if self.rule.name == "calibrated" and self.rule.low is None:
+                self.calibration.append(s0)
+                if len(self.calibration) >= self.rule.calibrate_on:
+                    self.rule.calibrate(self.calibration)
+                continue
             if self.rule.is_easy(s0, score):
                 self._replace(step, example_id, state)
         if scores:
@@ -197,12 +230,13 @@ class HardNegativeMiner:
     def state_dict(self) -> dict:
         return {"num_negatives": self.num_negatives, "rule": asdict(self.rule),
                 "examples": {k: asdict(v) for k, v in self.examples.items()},
-                "history": list(self.history), "checks": [asdict(c) for c in self.checks], "since": dict(self._since)}
+                "history": list(self.history), "checks": [asdict(c) for c in self.checks], "since": dict(self._since),
+                "calibration": list(self.calibration)}
 
     def summary(self, steps: int) -> dict:
         """How many negatives were replaced, in how many examples, and when (each quarter of `steps`)."""
         at = sorted(s for e in self.examples.values() for s in e.replaced_at)
-        return {"replaced": len(at), "examples_with_replacement": sum(1 for e in self.examples.values() if e.replaced),
+        return {"rule": asdict(self.rule), "replaced": len(at), "examples_with_replacement": sum(1 for e in self.examples.values() if e.replaced),
                 "examples_scored": len(self.examples), "first_step": at[0] if at else None,
                 "last_step": at[-1] if at else None,
                 "per_quarter": [sum(1 for s in at if q * steps / 4 < s <= (q + 1) * steps / 4) for q in range(4)]}
@@ -211,7 +245,8 @@ class HardNegativeMiner:
     def from_state_dict(cls, state: dict) -> "HardNegativeMiner":
         miner = cls(state["num_negatives"], MiningRule(**state["rule"]),
                     {k: ExampleState(**v) for k, v in state["examples"].items()},
-                    [tuple(h) for h in state["history"]], [CheckStats(**c) for c in state["checks"]])
+                    [tuple(h) for h in state["history"]], [CheckStats(**c) for c in state["checks"]],
+                    list(state.get("calibration", [])))
         miner._since = dict(state.get("since", miner._since))
         return miner
 
