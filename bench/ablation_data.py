@@ -174,15 +174,17 @@ def mine(data_dir: Path, base: str, b: Budget, env: dict) -> int:
     return len(rows) - len(kept)
 
 
-def task_config(data_dir: Path, b: Budget, mining: bool) -> Path:
-    """Our data config: retrieval on one rank, STS on the other (the random schedule uses both for each)."""
+def task_config(data_dir: Path, b: Budget, mining: bool | str) -> Path:
+    """Our data config: retrieval on one rank, STS on the other (the random schedule uses both for each).
+    mining: True for the paper's v1 rule, or a rule's name (train/step/mining.py)."""
     retrieval = {"type": "retrieval", "files": ["train/retrieval.jsonl"], "batch_size": b.batch,
                  "num_negatives": b.negatives, "ranks": 1}
-    if mining:
-        retrieval["mining"] = "v1"
+    rule = "v1" if mining is True else mining or None
+    if rule:
+        retrieval["mining"] = rule
     config = {"tasks": {"retrieval": retrieval,
                         "sts": {"type": "sts", "files": ["train/sts.jsonl"], "batch_size": b.batch, "ranks": 1}}}
-    path = data_dir / f"tasks{'_mining' if mining else ''}.json"
+    path = data_dir / ("tasks.json" if not rule else "tasks_mining.json" if rule == "v1" else f"tasks_mining_{rule}.json")
     path.write_text(json.dumps(config, indent=1))
     return path
 

@@ -203,3 +203,13 @@ def test_the_eval_encodes_each_task_type_with_the_instruction_training_saved(tin
     assert prompt(retrieval, PromptType.document) == ""                # documents bare, as trained
     assert prompt(sts, PromptType.query) == "Instruct: 相似\nQuery: "
     assert prompt(classification, PromptType.query) == "query: "       # no instruction saved for it
+
+
+def test_soft_masking_needs_a_kernel_that_takes_a_float_mask(decoder_dir):
+    model, _ = open_decoder(decoder_dir)
+    config = backbone(model).config
+    config.__dict__["_attn_implementation_internal"] = "flash_attention_2"  # as loading with flash-attn sets it
+    if config._attn_implementation != "flash_attention_2":
+        pytest.skip("this transformers keeps the kernel elsewhere")
+    with pytest.raises(SystemExit, match="float attention mask"):
+        set_attention(backbone(model), "soft")
