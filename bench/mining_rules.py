@@ -1,12 +1,14 @@
 """How often each mining rule acts on the ablation's data, per rule and seed (no dev scores: see below).
 
     python -m bench.mining_rules                     # multilingual-e5-small (offline), rules v1, v2, calibrated, seeds 42, 7
+    python -m bench.mining_rules --temperature 0.01 --seeds 42 --rules v1,calibrated   # e5's own temperature
     python -m bench.mining_rules --quick             # the tiny model, a few steps: the wiring
 
 Row e of bench/ablation.py (CBB + dynamic mining, the same data, budget and base) trained once per
 rule and seed; what summary.json says the miner did: visits scored, negatives replaced, examples with a
 replacement, when (per quarter of the run), and the calibrated rule's thresholds. The share replaced
-is replacements / examples scored. Training only: the dev scores of each rule are bench/ablation.py's
+is replacements / examples trained on: the share of the hard negatives seen that were swapped out
+(a replacement swaps all of an example's negatives). Training only: the dev scores of each rule are bench/ablation.py's
 to give (`--rows e` with the rule), which this does not run.
 """
 from __future__ import annotations
@@ -25,15 +27,19 @@ RULES = ("v1", "v2", "calibrated")
 
 
 def run_rule(out: Path, data_dir: Path, base: str, b: Budget, rule: str) -> dict:
-    run_dir = out / "runs" / f"{rule}-seed{b.seed}"
+    name = f"{rule}-seed{b.seed}" + (f"-t{b.temperature:g}" if b.temperature is not None else "")
+    run_dir = out / "runs" / name
     args = ["--model", base, "--data-config", str(task_config(data_dir, b, rule)), "--max-steps", str(b.steps),
             "--lr", str(b.lr), "--max-length", str(b.max_length), "--seed", str(b.seed), "--save-steps", "100000",
             "--merge-weight", "1", "--log-steps", str(max(1, b.steps // 10))]
-    summary = launch.train("train/finetune.py", args, run_dir, out / "logs" / f"{rule}-seed{b.seed}.log")
+    if b.temperature is not None:
+        args += ["--temperature", str(b.temperature)]
+    summary = launch.train("train/finetune.py", args, run_dir, out / "logs" / f"{name}.log")
     mining = summary["mining"]["retrieval"]
-    return {"rule": rule, "seed": b.seed, "steps": summary["steps"], "examples": summary["examples"]["retrieval"],
+    return {"rule": rule, "seed": b.seed, "temperature": b.temperature or 0.02, "steps": summary["steps"], "examples": summary["examples"]["retrieval"],
             "replaced": mining["replaced"], "examples_scored": mining["examples_scored"],
-            "share_replaced": round(mining["replaced"] / max(1, mining["examples_scored"]), 4),
+            # each replacement swaps all n of an example's negatives; the run saw n per example trained on
+            "share_replaced": round(mining["replaced"] / max(1, summary["examples"]["retrieval"]), 4),
             "per_quarter": mining["per_quarter"],
             "thresholds": {k: mining["rule"].get(k) for k in ("low", "drop")} if rule == "calibrated" else None}
 
@@ -44,8 +50,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", default="42,7")
     p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--out", default=None)
+    p.add_argument("--temperature", type=float, default=None, help="InfoNCE's (default: train/args.py's 0.02)")
     args = p.parse_args(argv)
-    budget = QUICK if args.quick else Budget()
+    budget = replace(QUICK if args.quick else Budget(), temperature=args.temperature)
     out = Path(args.out or ROOT / "bench/results" / ("mining-rules-quick" if args.quick else "mining-rules")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = base_model(None, args.quick, out)
@@ -57,7 +64,8 @@ def main(argv=None) -> list[dict]:
         for rule in args.rules.split(","):
             rows.append(run_rule(out, data_dir, base, replace(budget, seed=seed), rule))
             print(json.dumps(rows[-1]), flush=True)
-    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    suffix = f"-t{args.temperature:g}" if args.temperature is not None else ""
+    (out / f"rows{suffix}.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 
