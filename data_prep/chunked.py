@@ -85,10 +85,13 @@ class ChunkedJob:
 
     @contextmanager
     def files(self):
-        """The output and extra outputs opened for appending (None for an extra not asked for)."""
+        """The output and extra outputs opened for appending (None for an extra not asked for); a bad
+        line met inside stops the job with its file:line (what was committed stays)."""
         self._files = [open(p, "a", encoding="utf-8") if p is not None else None for p in [self.output, *self.extra]]
         try:
             yield self._files
+        except DataError as e:
+            raise SystemExit(f"data error: {e}\n(pass --skip-bad to skip and count such lines)") from None
         finally:
             for f in self._files:
                 if f:

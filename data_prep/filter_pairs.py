@@ -24,7 +24,7 @@ import numpy as np
 
 
 from data_prep.chunked import ChunkedJob
-from train.input.records import DataError, json_object, text_field, text_list
+from train.input.records import json_object, text_field, text_list
 
 BINS = np.linspace(-1.0, 1.0, 41)
 
@@ -124,8 +124,6 @@ def main(argv=None) -> dict:
                 rate = pairs_this_run / (time.time() - t0)
                 print(f"chunk {state['chunks']}: {state['lines_done']} lines, {state['kept_lines']} kept, "
                       f"{rate:,.0f} pairs/s", flush=True)
-    except DataError as e:
-        raise SystemExit(f"data error: {e}\n(pass --skip-bad to skip and count such lines)") from None
     finally:
         scorer.close()
     report = write_report(job.output, state, args.threshold, skipped)

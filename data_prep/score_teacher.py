@@ -28,7 +28,7 @@ import numpy as np
 
 from data_prep.chunked import ChunkedJob
 from data_prep.filter_pairs import Scorer, all_gpus
-from train.input.records import DataError, json_object, text_field, text_list
+from train.input.records import json_object, text_field, text_list
 
 FIELDS = (("pos", "pos_scores"), ("neg", "neg_scores"), ("neg_pool", "neg_pool_scores"))
 
@@ -109,8 +109,6 @@ def main(argv=None) -> dict:
                 done += len(flat)
                 print(f"chunk {job.state['chunks']}: {job.state['lines_done']} lines, "
                       f"{done / (time.time() - t0):,.0f} texts/s", flush=True)
-    except DataError as e:
-        raise SystemExit(f"data error: {e}\n(pass --skip-bad to skip and count such lines)") from None
     finally:
         scorer.close()
     print(f"scored {job.state['scores']} texts on {job.state['records']} lines with {args.model} ({args.kind}) "
