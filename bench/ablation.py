@@ -15,6 +15,10 @@ Rows, all from the same base, on the same training data, with the same examples 
   f     e merged with the base (LM-Cocktail), to keep general ability: the weight is chosen by
         eval/merge_sweep.py on the tune split below (best average with no task more than 1.0 below
         the base), never on the dev sets
+  g     e + self-distillation: the base model's own scores of each query's candidates (computed once,
+        offline, at its own length, by data_prep/score_teacher.py) as a KL term beside InfoNCE, a
+        forgetting guard during training (ablation_data.SELF_DISTILL; issue #31)
+  h     g merged with the base, the weight chosen on the tune split as for f
 
 Training data (../shared/data, split once with a fixed seed; nothing here is tuned on the dev sets):
   retrieval  the 498 CMRC-trial queries not held out (2 of 1,002 are empty and left out, counted)
@@ -30,8 +34,8 @@ Dev sets (no row trains on them), scored by eval/cmteb.py (mteb):
   STS-B-zh validation (Spearman), a held-out AFQMC split (2,000 pairs, Spearman), the 402 held-out
   CMRC queries against the full 256-paragraph corpus (nDCG@10), and out of domain: alpaca-zh
   instruction -> response retrieval (300 pairs, nDCG@10).
-Tune split (no row trains on it, the table does not report it; only row f's merge weight is chosen on
-  it): the same four kinds, from other items: 500 STS-B-zh train pairs, 1,000 other AFQMC pairs,
+Tune split (no row trains on it, the table does not report it; only rows f and h's merge weights are
+  chosen on it): the same four kinds, from other items: 500 STS-B-zh train pairs, 1,000 other AFQMC pairs,
   100 other CMRC queries against the full corpus, the next 300 alpaca-zh pairs.
 Each row's result is cached in OUT/results/<row>.json; a re-run only runs the rows that are missing.
 """
@@ -45,7 +49,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench.ablation_data import QUICK, Budget, dev_tasks, mine, read_jsonl, split_data, task_config
+from bench.ablation_data import (QUICK, SELF_DISTILL, Budget, dev_tasks, mine, read_jsonl, score_with_base, split_data,
+                                 task_config)
 from bench.ablation_report import plot, table, write_doc
 from bench import launch
 from bench.base_model import base_model
@@ -60,7 +65,10 @@ ROWS = {
     "d": "ours, random task per step + dynamic mining",
     "e": "ours, CBB + dynamic mining",
     "f": "(e) merged with the base (LM-Cocktail), weight chosen on the tune split",
+    "g": "(e) + self-distillation from the base's scores",
+    "h": "(g) merged with the base, weight chosen on the tune split",
 }
+MERGED = {"f": "e", "h": "g"}  # a merged row: the row it merges with the base
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,10 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- rows
 
-def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, schedule: str, mining: bool) -> dict:
+def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, schedule: str, mining: bool,
+               distill: dict | None = None) -> dict:
     steps = b.steps if schedule == "cbb" else 2 * b.steps
     run_dir = out / "runs" / row
-    args = ["--model", base, "--data-config", str(task_config(data_dir, b, mining)), "--task-schedule", schedule,
+    args = ["--model", base, "--data-config", str(task_config(data_dir, b, mining, distill)), "--task-schedule", schedule,
             "--max-steps", str(steps), "--lr", str(b.lr), "--max-length", str(b.max_length), "--seed", str(b.seed),
             "--log-steps", str(max(1, steps // 10)), "--save-steps", "100000",
             "--merge-weight", "1"]  # rows b-e are the recipe as trained; row f is the merge
@@ -119,6 +128,8 @@ def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, schedu
             "false_negatives": summary["false_negatives"] if b.mask_false_negatives else None}
     if mining:
         info["mining"] = summary["mining"]["retrieval"]
+    if distill:
+        info["distill"] = distill
     return info
 
 
@@ -180,15 +191,15 @@ def train_sentence_transformers(row: str, out: Path, data_dir: Path, base: str, 
 
 
 def merge_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, source: dict) -> dict:
-    """Row f: the merge weight that eval/merge_sweep.py's rule picks on the tune split, then that merge."""
+    """Rows f and h: the merge weight that eval/merge_sweep.py's rule picks on the tune split, then that merge."""
     from eval.merge_sweep import sweep
     from train.run.merge import merge_release
     start = time.perf_counter()
     tune = sweep(source["model"], base, dev_tasks(data_dir, "tune"), b.merge_weights, b.max_drop, b.eval_batch,
-                 out / "tune")
+                 out / "tune" / row)
     final = merge_release(source["model"], base, tune["weight"], out / "runs" / row / "final")
     return {"model": str(final), "examples": source["examples"], "steps": source["steps"], "mining": source.get("mining"),
-            "merge_weight": tune["weight"], "tune": tune, "sweep_seconds": time.perf_counter() - start}
+            "distill": source.get("distill"), "merge_weight": tune["weight"], "tune": tune, "sweep_seconds": time.perf_counter() - start}
 
 
 def train_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, results: dict, force: bool) -> dict:
@@ -202,12 +213,15 @@ def train_row(row: str, out: Path, data_dir: Path, base: str, b: Budget, results
         return {"model": base, "examples": {}, "steps": 0, "seconds": None}
     if row == "a":
         info = train_sentence_transformers(row, out, data_dir, base, b)
-    elif row == "f":
-        info = merge_row(row, out, data_dir, base, b, results.get("e") or json.loads((out / "results/e.json").read_text()))
+    elif row in MERGED:
+        source = MERGED[row]
+        info = merge_row(row, out, data_dir, base, b,
+                         results.get(source) or json.loads((out / f"results/{source}.json").read_text()))
     else:
-        schedule = "cbb" if row in ("c", "e") else "random"
-        info = train_ours(row, out, data_dir, base, b, schedule, mining=row in ("d", "e"))
-    info["seconds"] = time.perf_counter() - start if row != "f" else None
+        schedule = "cbb" if row in ("c", "e", "g") else "random"
+        info = train_ours(row, out, data_dir, base, b, schedule, mining=row in ("d", "e", "g"),
+                          distill=SELF_DISTILL if row == "g" else None)
+    info["seconds"] = time.perf_counter() - start if row not in MERGED else None
     trained.write_text(json.dumps(info, indent=1))
     return info
 
@@ -227,22 +241,22 @@ def evaluate_row(info: dict, data_dir: Path, out: Path, row: str, b: Budget) -> 
 
 def false_negative_summary(results: dict) -> str:
     """How many candidates each of our rows left out of InfoNCE as copies of a query's positive."""
-    counts = {r: results[r].get("false_negatives") for r in "bcde" if r in results}
+    counts = {r: results[r].get("false_negatives") for r in "bcdeg" if r in results}
     if not any(v is not None for v in counts.values()):
         return ""
     return (" Candidates left out of InfoNCE as copies of the query's positive (another query's copy of the same "
             "passage, in its batch): " + ", ".join(f"{r} {v if v is not None else '-'}" for r, v in counts.items()) + ".")
 
 
-def tune_summary(f: dict) -> str:
-    """Row f's choice on the tune split: each weight's average and worst drop there (not dev scores)."""
+def tune_summary(row: str, merged: dict) -> str:
+    """A merged row's choice on the tune split: each weight's average and worst drop there (not dev scores)."""
     from eval.merge_sweep import average, worst_drop
-    tune = f["tune"]
+    tune = merged["tune"]
     per_weight = "; ".join(f"{w}: {average(s):.2f} ({worst_drop(s, tune['base']):+.2f})"
                            for w, s in tune["weights"].items())
-    return (f" Row f's merge weight, chosen on the tune split (best average with no task below the base by more "
-            f"than {tune['max_drop']:g}): {f['merge_weight']:g}; tune average (worst vs base) per weight: "
-            f"base {average(tune['base']):.2f}; {per_weight}; the sweep took {f['sweep_seconds']:.0f} s.")
+    return (f" Row {row}'s merge weight, chosen on the tune split (best average with no task below the base by more "
+            f"than {tune['max_drop']:g}): {merged['merge_weight']:g}; tune average (worst vs base) per weight: "
+            f"base {average(tune['base']):.2f}; {per_weight}; the sweep took {merged['sweep_seconds']:.0f} s.")
 
 
 # --------------------------------------------------------------------------- main
@@ -281,6 +295,8 @@ def main(argv=None) -> dict:
     data_dir = out / "data"
     counts = split_data(data_dir, budget)
     counts["retrieval left out: too few negatives after filtering"] = mine(data_dir, base, budget, launch.script_env())
+    if "g" in rows:
+        score_with_base(data_dir, base, launch.script_env())
     print(f"data: {counts}; budget: {asdict(budget)}")
 
     from sentence_transformers import SentenceTransformer
@@ -301,8 +317,9 @@ def main(argv=None) -> dict:
 
     machine = f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}, no GPU"
     labels = dict(ROWS)
-    if "f" in results:
-        labels["f"] = ROWS["f"] + f" ({results['f']['merge_weight']:g})"
+    for row in MERGED:
+        if row in results:
+            labels[row] = ROWS[row] + f" ({results[row]['merge_weight']:g})"
     text = table(results, labels, machine)
     plot(results, out / "ablation.png")
     seen = {r: results[r]["examples"] for r in rows if r != "base"}
@@ -321,7 +338,8 @@ def main(argv=None) -> dict:
               + ("ours without the expansion layer and Matryoshka, " if not budget.matryoshka else "")
               + f"seed {budget.seed}. Data: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."
               + false_negative_summary(results)
-              + (tune_summary(results["f"]) if "f" in results else ""))
+              + (f" Self-distillation (g, h): {json.dumps(SELF_DISTILL)} over the base's cosines." if "g" in results else "")
+              + "".join(tune_summary(row, results[row]) for row in MERGED if row in results))
     (out / "table.md").write_text(report + "\n")
     print(report)
     if not args.quick and not args.no_doc and not variant and set(rows) == set(ROWS):

@@ -174,17 +174,38 @@ def mine(data_dir: Path, base: str, b: Budget, env: dict) -> int:
     return len(rows) - len(kept)
 
 
-def task_config(data_dir: Path, b: Budget, mining: bool | str) -> Path:
+def score_with_base(data_dir: Path, base: str, env: dict) -> Path:
+    """The base model as its own teacher (self-distillation): data_prep/score_teacher.py writes its cosine of
+    every positive, negative and pool candidate of train/retrieval.jsonl, at the base's own length, once."""
+    scored = data_dir / "train/retrieval_teacher.jsonl"
+    if not scored.is_file():
+        subprocess.run([sys.executable, str(ROOT / "data_prep/score_teacher.py"), "--model", base, "--kind", "embedder",
+                        "--input", str(data_dir / "train/retrieval.jsonl"), "--output", str(scored)],
+                       check=True, env=env, cwd=ROOT)
+    return scored
+
+
+# Self-distillation's settings (rows g, h), fixed before any row ran: KL over each query's own candidates,
+# the teacher's cosines sharpened by the student's own temperature (ours 0.02), so the base starts at its
+# own distribution and the term only acts as the student moves away from it. Nothing here was tuned.
+SELF_DISTILL = {"loss": "kl", "weight": 1.0, "teacher_temperature": 0.02}
+
+
+def task_config(data_dir: Path, b: Budget, mining: bool | str, distill: dict | None = None) -> Path:
     """Our data config: retrieval on one rank, STS on the other (the random schedule uses both for each).
-    mining: True for the paper's v1 rule, or a rule's name (train/step/mining.py)."""
+    mining: True for the paper's v1 rule, or a rule's name (train/step/mining.py); distill: the retrieval
+    task's distillation (train/kinds/tasks.py), from the base's scores (score_with_base)."""
     retrieval = {"type": "retrieval", "files": ["train/retrieval.jsonl"], "batch_size": b.batch,
                  "num_negatives": b.negatives, "ranks": 1}
     rule = "v1" if mining is True else mining or None
     if rule:
         retrieval["mining"] = rule
+    if distill:
+        retrieval.update(files=["train/retrieval_teacher.jsonl"], distill=distill)
     config = {"tasks": {"retrieval": retrieval,
                         "sts": {"type": "sts", "files": ["train/sts.jsonl"], "batch_size": b.batch, "ranks": 1}}}
-    path = data_dir / ("tasks.json" if not rule else "tasks_mining.json" if rule == "v1" else f"tasks_mining_{rule}.json")
+    name = "tasks" if not rule else "tasks_mining" if rule == "v1" else f"tasks_mining_{rule}"
+    path = data_dir / f"{name}{'_distill' if distill else ''}.json"
     path.write_text(json.dumps(config, indent=1))
     return path
 

@@ -56,11 +56,22 @@ class Scorer:
                                  convert_to_numpy=True, pool=self.pool, show_progress_bar=False)
 
     def scores(self, queries: list[str], passages: list[str]) -> np.ndarray:
-        return (self.encode(queries, self.query_prompt) * self.encode(passages, self.passage_prompt)).sum(1)
+        # each distinct text is encoded once: a query is paired with all its candidates, and ranked pools
+        # from one corpus repeat the same passages
+        q_texts, q_index = distinct(queries)
+        p_texts, p_index = distinct(passages)
+        return (self.encode(q_texts, self.query_prompt)[q_index] * self.encode(p_texts, self.passage_prompt)[p_index]).sum(1)
 
     def close(self) -> None:
         if self.pool is not None:
             self.model.stop_multi_process_pool(self.pool)
+
+
+def distinct(texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct texts in first-seen order, and each text's index among them."""
+    position: dict[str, int] = {}
+    index = np.array([position.setdefault(t, len(position)) for t in texts], dtype=np.int64)
+    return list(position), index
 
 
 def all_gpus() -> list[str] | None:
