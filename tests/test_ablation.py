@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.ablation_data import read_jsonl
 from tests.conftest import RANK_ENV, ROOT
 
 
@@ -18,7 +19,7 @@ def run_ablation(*args: str) -> None:
 def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
     out = tmp_path / "ablation-quick"
     run_ablation("--out", str(out))
-    results = {row: json.loads((out / "results" / f"{row}.json").read_text()) for row in "base a b c d e f".split()}
+    results = {row: json.loads((out / "results" / f"{row}.json").read_text()) for row in "base a b c d e f g h".split()}
     base = results["base"]
     from sentence_transformers import SentenceTransformer
     for row, r in results.items():
@@ -29,22 +30,29 @@ def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
         if row != "base":
             assert r["scores"] != base["scores"], f"row {row} scores exactly as the base: it did not train"
     # the same work for every trained row: 3 steps x (4 + 4) examples, or the random schedule's 6 draws of 4
-    for row in "a c e f".split():
+    for row in "a c e f g h".split():
         assert results[row]["examples"] == {"retrieval": 12, "sts": 12}, row
     for row in "b d".split():
         assert sum(results[row]["examples"].values()) == 24, row
     # our rows add the expansion layer (auto width) and are also scored at the base width; the peer's does not
     assert results["a"]["width"] == base["width"] == 32
-    assert all(results[row]["width"] > 32 for row in "b c d e f".split())
+    assert all(results[row]["width"] > 32 for row in "b c d e f g h".split())
     assert results["c"]["scores_base_width"] != results["c"]["scores"]
     assert "mining" in results["d"] and "mining" in results["e"] and "mining" not in results["b"]
-    assert all(isinstance(results[row]["false_negatives"], int) for row in "bcde")  # read from each run's report
+    assert all(isinstance(results[row]["false_negatives"], int) for row in "bcdeg")  # read from each run's report
+    # row g: e's recipe plus distillation from the base's own scores, written by score_teacher.py for every candidate
+    assert results["g"]["distill"]["loss"] == "kl" and "mining" in results["g"]
+    assert results["g"]["scores"] != results["e"]["scores"], "distillation did not change what row e learned"
+    teacher = read_jsonl(out / "data/train/retrieval_teacher.jsonl")
+    assert [r["neg"] for r in teacher] == [r["neg"] for r in read_jsonl(out / "data/train/retrieval.jsonl")]
+    assert all(len(r["pos_scores"]) == len(r["pos"]) and len(r["neg_pool_scores"]) == len(r["neg_pool"]) for r in teacher)
     table = (out / "table.md").read_text()
-    assert all(f"| {row}: " in table for row in "base a b c d e f".split())
+    assert all(f"| {row}: " in table for row in "base a b c d e f g h".split())
     assert (out / "ablation.png").stat().st_size > 1000
     assert SentenceTransformer(results["f"]["model"], device="cpu").get_embedding_dimension() == results["e"]["width"]
     # row f's merge weight is chosen on the tune split, which no row trains on and the table does not report
-    assert results["f"]["merge_weight"] in (0.3, 0.7) and set(results["f"]["tune"]["weights"]) == {"0.3", "0.7"}
+    for row in "fh":
+        assert results[row]["merge_weight"] in (0.3, 0.7) and set(results[row]["tune"]["weights"]) == {"0.3", "0.7"}
     assert "-tune" not in table.split("Command:")[0]
     data = out / "data"
 

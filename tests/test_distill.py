@@ -1,6 +1,7 @@
 """Distillation from teacher scores (train/losses/distill.py): the scores are validated and travel with
 their texts through sampling and mining, the losses are their formulas, and a CBB step on 2 ranks (and
-the random schedule's gathered layout) gives the gradient of the one-process objective written by hand."""
+the random schedule's gathered layout, and through GradCache) gives the gradient of the one-process
+objective written by hand."""
 import json
 import random
 import zlib
@@ -122,16 +123,19 @@ def reference(model, config) -> torch.Tensor:
     return infonce + spec["weight"] * torch.stack(terms).mean()
 
 
-@pytest.mark.parametrize("loss, schedule", [("kl", "cbb"), ("m3", "cbb"), ("kl", "random")])
-def test_distillation_on_2_ranks_equals_one_process(tiny_model, tmp_path, loss, schedule):
+@pytest.mark.parametrize("loss, schedule, mini_batch", [("kl", "cbb", 0), ("m3", "cbb", 0), ("kl", "random", 0),
+                                                      ("m3", "random", 3)])  # the last through GradCache
+def test_distillation_on_2_ranks_equals_one_process(tiny_model, tmp_path, loss, schedule, mini_batch):
     config = tmp_path / "tasks.json"
     config.write_text(json.dumps({"tasks": {"retrieval": {
         "type": "retrieval", "files": [str(scored(tmp_path / "scored.jsonl"))], "batch_size": 4, "num_negatives": 4,
         "distill": {"loss": loss, "weight": 0.7, "teacher_temperature": 0.2}}}}))
     launch(ROOT / "tests/workers/cbb_step.py", str(tiny_model), str(config), str(tmp_path / "out.pt"), "2", schedule,
-           timeout=300)
+           "by-task", str(mini_batch), timeout=300)
     got = torch.load(tmp_path / "out.pt")
     assert got["assigned"]["retrieval"] == [0, 1]
+    if mini_batch:  # GradCache: each rank's 12 texts in mini-batches of 3, each forward twice (no grad, then replay)
+        assert got["forwards"] == [8, 8], got["forwards"]
     model = SentenceTransformer(str(tiny_model), device="cpu")
     reference(model, config).backward()
     want = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}

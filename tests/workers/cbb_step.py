@@ -1,9 +1,10 @@
 """N-rank worker: one CBB fine-tuning step under DeepSpeed (fp32, ZeRO stage given); saves the full gradients.
 
-    torchrun --nproc_per_node N tests/workers/cbb_step.py MODEL_DIR TASKS_JSON OUT_FILE STAGE [SCHEDULE [PLACEMENT]]
+    torchrun --nproc_per_node N tests/workers/cbb_step.py MODEL_DIR TASKS_JSON OUT_FILE STAGE [SCHEDULE [PLACEMENT [MINI_BATCH]]]
 
 It runs the code path of train/finetune.py: task assignment, groups, every task of a rank encoded in
-one forward (train.kinds.multitask.step_loss), CBB scaling, DeepSpeed's backward.
+one forward (train.kinds.multitask.step_loss), CBB scaling, DeepSpeed's backward; with MINI_BATCH > 0,
+through GradCache (train/step/grad_cache.py) in mini-batches of that many texts, as --mini-batch does.
 """
 import sys
 from argparse import Namespace
@@ -16,7 +17,8 @@ from deepspeed.utils import safe_get_full_grad
 from sentence_transformers import SentenceTransformer
 
 from train.run.ds_config import load_ds_config
-from train.step.encoding import encode_groups
+from train.step.encoding import encode_groups, tokenize_groups
+from train.step.grad_cache import GradCache
 from train.kinds.task_data import task_stream
 from train.kinds import LossSettings
 from train.kinds.multitask import step_loss, task_groups, tasks_this_step
@@ -30,6 +32,7 @@ def main() -> None:
     model_dir, config_path, out, stage = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     schedule = sys.argv[5] if len(sys.argv) > 5 else "cbb"
     placement = sys.argv[6] if len(sys.argv) > 6 else "by-task"
+    mini_batch = int(sys.argv[7]) if len(sys.argv) > 7 else 0
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     tasks = load_data_config(config_path).tasks
@@ -45,9 +48,13 @@ def main() -> None:
     engine.module.register_forward_hook(lambda _, args, __: forwards.append(args[0]["input_ids"].shape[0]))
     now = tasks_this_step(tasks, rank, 0, schedule, ARGS.seed)
     batches = {t.name: next(task_stream(t, ARGS.seed, 128, False).epoch(0)) for t in now}
-    result = step_loss(batches, now, lambda g: encode_groups(engine, model, g, engine.device), groups, rank, world,
-                       LossSettings(ARGS.temperature, ARGS.cosent_scale), miners={})
-    engine.backward(result.total)
+    cache = GradCache(engine, mini_batch, engine.device) if mini_batch else None
+
+    def encode(groups):
+        return cache.encode(tokenize_groups(model, groups)) if cache else encode_groups(engine, model, groups, engine.device)
+    result = step_loss(batches, now, encode, groups, rank, world, LossSettings(ARGS.temperature, ARGS.cosent_scale),
+                       miners={})
+    (cache.backward if cache else engine.backward)(result.total)
     grads = {}
     for n, p in engine.module.named_parameters():
         g = safe_get_full_grad(p)  # a collective under ZeRO-3: every rank calls it for every parameter

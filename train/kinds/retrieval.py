@@ -74,12 +74,13 @@ class Retrieval(TaskKind):
         exclude = false_negatives(candidate_ids(global_batch, texts, settings, q.device), labels, group,
                                   gather_pos=False)
         copies = count(exclude)
-        exclude, guarded = with_score_guard(exclude, q, torch.cat([p, neg_all]), labels, settings)
+        candidates = torch.cat([p, neg_all])  # retrieval_cbb's columns: positives, then every rank's negatives
+        exclude, guarded = with_score_guard(exclude, q, candidates, labels, settings)
         value = matryoshka(retrieval_cbb, [q, p, neg_all], dims, weights, temperature=settings.temperature,
                            exclude=exclude)
         if task.distill:
             own = cbb_own_columns(q.shape[0], task.negatives_per_rank, len(task.assigned), q.device)
-            value = value + distillation(task, global_batch, miner, q, torch.cat([p, neg_all]), own, exclude, settings)
+            value = value + distillation(task, global_batch, miner, q, candidates, own, exclude, settings)
         scores = {}
         if miner:  # the similarities the loss used, read back: no extra forward pass
             own = own_negative_scores(q.detach(), neg_all.detach(), task.negatives_per_rank, len(task.assigned))
