@@ -115,7 +115,7 @@ def train_ours(row: str, out: Path, data_dir: Path, base: str, b: Budget, schedu
     args = ["--model", base, "--data-config", str(task_config(data_dir, b, mining, distill)), "--task-schedule", schedule,
             "--max-steps", str(steps), "--lr", str(b.lr), "--max-length", str(b.max_length), "--seed", str(b.seed),
             "--log-steps", str(max(1, steps // 10)), "--save-steps", "100000",
-            "--merge-weight", "1"]  # rows b-e are the recipe as trained; row f is the merge
+            "--merge-weight", "1"]  # the trained rows are the recipe as trained; f and h are the merges
     if b.temperature is not None:
         args += ["--temperature", str(b.temperature)]
     if not b.mask_false_negatives:
