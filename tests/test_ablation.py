@@ -16,6 +16,17 @@ def run_ablation(*args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
+def released_difference(a: str, b: str) -> float:
+    """The largest |difference| between two releases' weights, over every module's safetensors."""
+    from safetensors.torch import load_file
+    diffs = []
+    for path in sorted(Path(a).rglob("*.safetensors")):
+        x, y = load_file(path), load_file(Path(b) / path.relative_to(a))
+        diffs += [(x[k] - y[k]).abs().max().item() for k in x]
+    assert diffs, f"no weights in {a}"
+    return max(diffs)
+
+
 def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
     out = tmp_path / "ablation-quick"
     run_ablation("--out", str(out))
@@ -42,7 +53,8 @@ def test_quick_ablation_runs_every_row_on_equal_terms(tmp_path):
     assert all(isinstance(results[row]["false_negatives"], int) for row in "bcdeg")  # read from each run's report
     # row g: e's recipe plus distillation from the base's own scores, written by score_teacher.py for every candidate
     assert results["g"]["distill"]["loss"] == "kl" and "mining" in results["g"]
-    assert results["g"]["scores"] != results["e"]["scores"], "distillation did not change what row e learned"
+    # the tiny model's ranks may not move in 3 steps; its weights must: the same run as e but for the term
+    assert released_difference(results["e"]["model"], results["g"]["model"]) > 1e-6, "distillation changed nothing"
     teacher = read_jsonl(out / "data/train/retrieval_teacher.jsonl")
     assert [r["neg"] for r in teacher] == [r["neg"] for r in read_jsonl(out / "data/train/retrieval.jsonl")]
     assert all(len(r["pos_scores"]) == len(r["pos"]) and len(r["neg_pool_scores"]) == len(r["neg_pool"]) for r in teacher)
