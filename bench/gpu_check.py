@@ -1,7 +1,10 @@
-"""Do the GPU paths work? One script, one GPU, under 8 minutes; a PASS/FAIL line per check with its figure.
+"""Do the GPU paths work? One script, under 8 minutes; a PASS/FAIL line per check with its figure.
 
     bash bench/gpu_check.sh                 # after README's install, on a machine with a CUDA GPU
     python bench/gpu_check.py --quick       # the same checks on CPU with a tiny model (the tests run this)
+
+The training rows run in bf16 on one rank, or on two (torchrun, one thread each) where there are two
+GPUs and in the CPU form, which exercises every row's code path a CPU can (bf16 on the CPU included).
 
 On a BERT-large-shaped model with random weights (bge-large-zh's shape; the weights change no code path):
   cuda                   torch sees a GPU with bf16
@@ -73,10 +76,12 @@ def run_summary(output_dir: Path) -> dict:
 
 
 def training_check(report: Report, name: str, script: str, model: str, config: str, args: list[str], out: Path,
-                   quick: bool) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port", "29431",
+                   ranks: int) -> None:
+    """A few bf16 steps on `ranks` ranks (torchrun, as a user launches: with several ranks it gives each one
+    thread), the release and its export check."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port", "29431",
            str(ROOT / script), "--model", model, "--deepspeed-config", str(ROOT / f"ds_configs/{config}.json"),
-           "--precision", "fp32" if quick else "bf16", "--max-steps", "4", "--save-steps", "100000",
+           "--precision", "bf16", "--max-steps", "4", "--save-steps", "100000",
            "--output-dir", str(out / "runs" / name.replace(" ", "_")), *args]
     code, text, seconds = run(name, cmd, out)
     stats = run_summary(out / "runs" / name.replace(" ", "_"))
@@ -86,7 +91,7 @@ def training_check(report: Report, name: str, script: str, model: str, config: s
         f"peak RSS {stats.get('peak_rss_mb', 0):,.0f} MB"
     figure = (f"{stats.get('steps', 0)} steps in {seconds:.0f} s, {memory}; {check}" if code == 0 else
               f"exit {code} after {seconds:.0f} s; last lines: {' | '.join(text.strip().splitlines()[-3:])[:400]}")
-    report.line(name, code == 0 and exported, figure)
+    report.line(f"{name}{' x' + str(ranks) if ranks > 1 else ''}", code == 0 and exported, figure)
 
 
 def grad_cache_equals_plain(report: Report, model: str, out: Path, quick: bool) -> None:
@@ -129,6 +134,9 @@ def main(argv=None) -> int:
         name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
         if not report.line("cuda", ok, f"{name}, torch {torch.__version__}, {torch.cuda.device_count()} GPU(s)"):
             return 1
+    # two ranks where there are two GPUs (the gathers, the NCCL/gloo split and torchrun's one thread per
+    # rank only show with several); the CPU form runs two ranks too, one thread each
+    ranks = 2 if args.quick or torch.cuda.device_count() >= 2 else 1
     model = random_model(out, TINY if args.quick else LARGE)
     length = ["--max-length", "64" if args.quick else "512"]
     pretrain_args = ["--train-data", str(DEMO_PAIRS), "--batch-size", "8" if args.quick else "64",
@@ -136,10 +144,10 @@ def main(argv=None) -> int:
     for config in ("zero0", "zero3"):
         if f"pretrain_{config}" not in skip:
             training_check(report, f"pretrain {config} cache", "train/pretrain.py", model, config, pretrain_args, out,
-                           args.quick)
+                           ranks)
     if "finetune" not in skip:
         training_check(report, "finetune zero3 cache", "train/finetune.py", model, "zero3",
-                       ["--mini-batch", "8" if args.quick else "32", "--merge-weight", "1", *length], out, args.quick)
+                       ["--mini-batch", "8" if args.quick else "32", "--merge-weight", "1", *length], out, ranks)
     if "grad_cache" not in skip:
         grad_cache_equals_plain(report, model, out, args.quick)
     if "llm" not in skip:
@@ -150,9 +158,9 @@ def main(argv=None) -> int:
         common = ["--mini-batch", "8" if args.quick else "32", "--merge-weight", "1", "--gradient-checkpointing",
                   *length]
         training_check(report, "llm lora zero3", "train/finetune.py", llm, "zero3",
-                       ["--lora-rank", "16", "--lr", "1e-4", *common], out, args.quick)
+                       ["--lora-rank", "16", "--lr", "1e-4", *common], out, ranks)
         training_check(report, "llm soft zero3", "train/finetune.py", llm, "zero3",
-                       ["--attention", "soft", "--lr", "1e-5", *common], out, args.quick)
+                       ["--attention", "soft", "--lr", "1e-5", *common], out, ranks)
     if "throughput" not in skip and not args.quick:
         throughput(report, out)
     failed = sum(line.startswith("FAIL") for line in report.lines)

@@ -15,7 +15,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 from sentence_transformers import SentenceTransformer
 
-from train.run.cluster import bind_device
+from train.run.cluster import bind_device, host_group, open_host_group
 from train.run.ds_config import build_optimizer, load_ds_config
 from train.step.encoding import encode_tokenized, tokenize_groups
 from train.step.grad_cache import GradCache
@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PAIRS, MINI_BATCH = 16, 4
 
 
+def grad_cache(engine) -> GradCache:
+    """GradCache as a training run builds it: its chunk count travels on the host (gloo) group, which
+    carries CPU tensors; the default group on a GPU is NCCL, which refuses them."""
+    return GradCache(engine, MINI_BATCH, engine.device, host_group())
+
+
 def step_gradient(base, tokenized, cached: bool) -> tuple[dict, str]:
     model = copy.deepcopy(base)
     cfg = load_ds_config(ROOT / "ds_configs/zero1.json", PAIRS, 1, 0.0, precision="fp32")
@@ -33,7 +39,7 @@ def step_gradient(base, tokenized, cached: bool) -> tuple[dict, str]:
                                       config=cfg)
     loss_fn = InfoNCELoss(0.02)
     if cached:
-        cache = GradCache(engine, MINI_BATCH, engine.device)
+        cache = grad_cache(engine)
         (q, p), _ = cache.encode(tokenized)
         cache.backward(loss_fn(q, p))
     else:
@@ -47,6 +53,7 @@ def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     bind_device()
     deepspeed.init_distributed()
+    open_host_group()
     torch.backends.cuda.matmul.allow_tf32 = False  # equality in fp32: no TF32 matmuls on either side
     rows = [json.loads(line) for line in open(ROOT / "data/demo/pretrain/question_pairs.jsonl", encoding="utf-8")][:PAIRS]
     # mean pooling: a random-weight model's CLS embeddings are nearly alike, so its loss gradient is

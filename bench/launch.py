@@ -13,10 +13,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# a CPU row stays on the CPU on a GPU machine too: DeepSpeed would pick CUDA there (on one GPU the second
+# rank binds cuda:1, which does not exist; on two, --precision auto turns bf16)
+CPU_ONLY = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def script_env(threads: int | None = 1) -> dict:
-    """Offline, `threads` per rank (None: leave it, as on a GPU), this checkout's packages first."""
+    """Offline, this checkout's packages first, and either a CPU run with `threads` per rank, pinned to
+    the CPU accelerator, or (threads None) a GPU run: the device and threads left to the launcher."""
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-            **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+            **({"OMP_NUM_THREADS": str(threads), **CPU_ONLY} if threads else {}),
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 

@@ -45,10 +45,14 @@ class Scorer:
 
         from train.models.model import resolve_model
         source, local_only = resolve_model(model_name)
-        self.model = SentenceTransformer(source, device=devices[0] if devices else None, local_files_only=local_only)
+        # with a pool of worker processes the parent's copy stays on the CPU: sentence-transformers moves it
+        # there anyway, and on devices[0] it would keep a CUDA context and cached memory beside that worker
+        pooled = bool(devices) and len(devices) > 1
+        self.model = SentenceTransformer(source, device="cpu" if pooled else devices[0] if devices else None,
+                                         local_files_only=local_only)
         self.query_prompt = self.model.prompts.get("query", "") if query_prompt is None else query_prompt
         self.passage_prompt = self.model.prompts.get("passage", "") if passage_prompt is None else passage_prompt
-        self.pool = self.model.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
+        self.pool = self.model.start_multi_process_pool(devices) if pooled else None
         self.batch_size = batch_size
 
     def encode(self, texts: list[str], prompt: str) -> np.ndarray:

@@ -49,8 +49,10 @@ def sweep(model_dir: str | Path, base: str, tasks: list, weights: tuple[float, .
     from train.run.merge import merge_weights
     from train.models.model import open_sentence_transformer, resolve_model
     source, local_only = resolve_model(base)
-    base_model = open_sentence_transformer(source, local_only)
-    model = open_sentence_transformer(str(model_dir), local_only=True)
+    # on the GPU where there is one (device None: sentence-transformers' choice): the sweep runs one
+    # full evaluation per weight
+    base_model = open_sentence_transformer(source, local_only, device=None)
+    model = open_sentence_transformer(str(model_dir), local_only=True, device=None)
     trained = {k: v.clone() for k, v in model[0].auto_model.state_dict().items()}
     base_scores = evaluate(base_model, tasks, [None], batch_size, "merge-sweep-base", out / "base")[None]
     by_weight: dict[float, dict[str, float]] = {}

@@ -9,8 +9,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+# The suite runs on the CPU on any machine, this process and every rank it starts: on a GPU machine
+# DeepSpeed would pick CUDA (on one GPU rank 1 binds cuda:1, which does not exist; on two, --precision
+# auto turns bf16 against the fp32 tolerances asserted here). Set before torch is imported anywhere.
+# The deepspeed launcher gives its ranks CUDA_VISIBLE_DEVICES again; DS_ACCELERATOR=cpu still holds
+# there, and the code follows DeepSpeed's accelerator, never torch.cuda.is_available().
+from bench.launch import CPU_ONLY  # noqa: E402
+
+os.environ.update(CPU_ONLY)
 # one thread per rank on 2 cores, no hub, and this checkout's packages first (whatever `pip install -e` points at)
-RANK_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+RANK_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **CPU_ONLY,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
@@ -36,6 +44,23 @@ def deepspeed_launch(script: str | Path, *args: str, num_gpus: int = 2, timeout:
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-rank process group's environment in this process (the test calls init_process_group with the
+    backend it needs); the group and the project's host groups are torn down after the test."""
+    import torch.distributed as dist
+
+    from train.run import cluster
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 1000))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    cluster._HOST_GROUP[0] = cluster._PATIENT_GROUP[0] = None
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,37 @@ def test_grad_cache_step_equals_the_uncached_step(two_rank_run, stage, case):
     assert len(set(per_rank)) == 1 and per_rank[0] >= 2 * 4, per_rank
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_grad_cache_reduce_once_gives_the_uncached_step(two_rank_run, stage):
+    """--grad-cache-reduce once (DeepSpeed's coalesce_grad_reduction) changes when the gradient is
+    reduced, never what it is."""
+    plain, once = two_rank_run["results"][(stage, "pretrain", 0)], two_rank_run["results"][(stage, "pretrain", MINI_BATCH, "once")]
+    scale = max(g.abs().max().item() for g in plain["grads"].values())
+    for name, grad in plain["grads"].items():
+        assert (once["grads"][name] - grad).abs().max().item() < 1e-5 * max(1.0, scale), name
+        assert (once["weights"][name] - plain["weights"][name]).abs().max().item() < 1e-5 * max(1.0, scale), name
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_grad_cache_reduces_once_per_step_where_deepspeed_allows(two_rank_run, stage):
+    """How often GradCache's gradient crosses the network (counted in DeepSpeed's comm backend): ZeRO-1 once,
+    at the last mini-batch; ZeRO-2/3 at every mini-batch (DeepSpeed flushes partitioned gradients at each
+    backward), and once with --grad-cache-reduce once. The start-up note says which (ds_config.setup_notes)."""
+    from train.run.ds_config import setup_notes
+    per_mini_batch = two_rank_run["results"][(stage, "pretrain", MINI_BATCH)]["reductions"]
+    k = len(per_mini_batch["per_backward"])
+    assert k >= 4, per_mini_batch  # the pretrain case takes several mini-batches of 3
+    if stage == 1:
+        assert per_mini_batch["per_backward"][:-1] == [0] * (k - 1) and per_mini_batch["per_backward"][-1] >= 1
+    else:
+        assert all(n >= 1 for n in per_mini_batch["per_backward"]), per_mini_batch
+        once = two_rank_run["results"][(stage, "pretrain", MINI_BATCH, "once")]["reductions"]
+        assert once["per_backward"] == [0] * k and 1 <= once["total"] < per_mini_batch["total"], (once, per_mini_batch)
+    cfg = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}}
+    notes = " ".join(setup_notes(ROOT / f"ds_configs/zero{stage}.json", cfg, MINI_BATCH, "per-mini-batch", 10**6))
+    assert ("k times" in notes) == (stage >= 2), notes
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("cached", [0, MINI_BATCH])
 def test_sparse_embedding_gradients_give_the_dense_step(two_rank_run, stage, cached):

@@ -4,7 +4,6 @@ The device binding and the NCCL/gloo split can only run on GPUs: here DeepSpeed'
 replaced by a fake that says "cuda" and records what it is asked, and the backend name is mocked,
 while everything else (the process group, the gloo group, the broadcasts) is real, on one CPU rank.
 """
-import os
 import queue
 import threading
 import time
@@ -30,19 +29,6 @@ class FakeCudaAccelerator:
 
     def set_device(self, index):
         self.calls.append(("set_device", index))
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A real one-rank gloo process group in this process, torn down after the test."""
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 1000))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    cluster._HOST_GROUP[0] = None
 
 
 def test_start_run_binds_the_process_to_its_local_device_before_the_process_group(one_rank, monkeypatch):

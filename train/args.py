@@ -79,6 +79,10 @@ def add_training_args(g) -> None:
     g.add_argument("--mini-batch", type=int, default=0,
                    help="GradCache: encode in mini-batches of this many texts and take the loss on the whole "
                         "cached batch, so the batch is bounded by time, not activation memory (0: off)")
+    g.add_argument("--grad-cache-reduce", default="per-mini-batch", choices=["per-mini-batch", "once"],
+                   help="GradCache under ZeRO-2/3, where DeepSpeed reduces gradients at each mini-batch's backward: "
+                        "once reduces them once per step (DeepSpeed's coalesce_grad_reduction), holding whole "
+                        "gradients of the trained weights on every rank during the step (ZeRO-0/1 reduce once anyway)")
     g.add_argument("--log-steps", type=int, default=10, help="steps between logged means (console bar, TensorBoard in OUTPUT_DIR/runs)")
     g.add_argument("--seed", type=int, default=42, help="data order, negative sampling, dropout, the expansion layer's start")
 
@@ -154,6 +158,7 @@ class TrainingConfig:
     log_steps: int
     seed: int
     expansion_lr: float | None = None   # fine-tuning's expansion layer (its "losses" group)
+    grad_cache_reduce: str = "per-mini-batch"
     false_negative_margin: float | None = None
 
 

@@ -8,11 +8,13 @@ comma-separated list:
     no_zero_to_fp32   the fp32 reconstruction from the checkpoint fails (the export must fall back)
     oom@R:B           rank R's prefetch thread raises MemoryError while preparing its B-th batch
     exit@R:B          rank R's prefetch thread raises SystemExit (a BaseException) at its B-th batch
+    slow_export:S     rank 0 takes S seconds longer to write the release (a large model on a slow disk)
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
@@ -41,3 +43,10 @@ def in_prefetch(batch: int) -> None:
         raise MemoryError("injected: out of memory while tokenizing")
     if fault("exit", rank, batch):
         raise SystemExit("injected: the prefetch thread exited")
+
+
+def while_exporting() -> None:
+    """Called by rank 0 before it writes the release."""
+    wanted = [f.strip() for f in os.environ.get(ENV, "").split(",") if f.strip().startswith("slow_export:")]
+    for f in wanted:
+        time.sleep(float(f.split(":", 1)[1]))

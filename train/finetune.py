@@ -15,6 +15,7 @@ import argparse
 
 import json
 import shutil
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from train.run.merge import merge_release
 from train.step.mining import HardNegativeMiner, MiningRule, plot_history
 from train.models.decoder import check_prompt_room, instruction_prompt
 from train.models.model import (DEFAULT_MODEL, add_expansion_layer, expansion_layer, matryoshka_dims,
-                                open_sentence_transformer, set_pooling, with_expansion)
+                                open_sentence_transformer, release_kernel, set_pooling, with_expansion)
 from train.kinds import KINDS, LossSettings
 from train.kinds.multitask import step_loss, task_groups, tasks_this_step
 from train.input.prefetch import close_prefetch, prefetched
@@ -123,7 +124,7 @@ def open_model(args, config, run_settings, world: int):
                           args.max_length)
 
     def rebuild() -> SentenceTransformer:  # the untrained model with the same modules, for the export
-        base = open_sentence_transformer(source, local_only, attn_implementation=args.attn_implementation)
+        base = open_sentence_transformer(source, local_only, attn_implementation=release_kernel(args.attn_implementation))
         base = backbone.shaped_as_trained(set_pooling(base, args.pooling))
         return add_expansion_layer(base, added) if added else base
     return model, name, rebuild, backbone, f"{what}; MRL dims {dims or 'off'}", \
@@ -214,7 +215,7 @@ def main(argv=None) -> None:
 
     # --- tasks and data, model, engine
     config, streams, total_steps = open_tasks(args, world)
-    tasks, groups = config.tasks, task_groups(config.tasks)
+    tasks, groups = config.tasks, task_groups(config.tasks, timedelta(minutes=args.dist_timeout))
     model, base_name, rebuild, backbone, shape, loss_settings = open_model(args, config, run_config(args), world)
     config = run_config(args)
     engine, scheduler = build_engine(model, config, 1, world, total_steps)

@@ -21,7 +21,7 @@ from train.step.encoding import Tokenized, allow_mixed_prompts, encode_groups, e
 from train.losses import InfoNCELoss
 from train.kinds import KINDS
 from train.models.decoder import check_prompt_room, instruction_prompt
-from train.models.model import DEFAULT_MODEL, open_sentence_transformer, set_pooling
+from train.models.model import DEFAULT_MODEL, open_sentence_transformer, release_kernel, set_pooling
 from train.input.prefetch import close_prefetch, prefetched
 from train.run.rank_zero_data import shared_index, validate_data
 from train.run.runner import Run, build_engine, end_run, open_backbone, start_run
@@ -176,6 +176,10 @@ def main(argv=None) -> None:
             run.after_step(sources, client_state)
         close_prefetch(batches)  # no tokenizing in the background while the export encodes
 
+    # every collective before the export: the other ranks must not wait in one while rank 0 writes
+    false_negatives = run.report_false_negatives(loss_fn.excluded)
+    score_guarded = run.report_score_guarded(loss_fn.guarded)
+
     # --- export: a final checkpoint, its fp32 weights, a sentence-transformers folder, checked
     backbone.at_step(total_steps, total_steps)  # the engine encodes the probes as training ended
     prompts = {"query": query_prompt, "passage": passage_prompt, "document": passage_prompt}
@@ -183,15 +187,13 @@ def main(argv=None) -> None:
         prompts.update(KINDS["pairs"].release_prompts(query_prompt, passage_prompt))
 
     def rebuild():  # the base again, shaped as trained (LoRA layers, the decoder's tokenizer and pooling)
-        base = open_sentence_transformer(model_source, local_only, attn_implementation=args.attn_implementation)
+        base = open_sentence_transformer(model_source, local_only, attn_implementation=release_kernel(args.attn_implementation))
         return backbone.shaped_as_trained(set_pooling(base, args.pooling))
     adapter_dir = Path(args.output_dir) / "final_adapter" if args.save_adapter else None
     final = run.export(client_state(), embed=embed,
                        probe_texts=probe_texts or ["导出检查：这句话用来比较训练引擎和导出的模型。"],
                        probe_prompt=query_prompt, rebuild=rebuild, prompts=prompts,
                        finalize=lambda m: backbone.finalize(m, adapter_dir, model_source))
-    false_negatives = run.report_false_negatives(loss_fn.excluded)
-    score_guarded = run.report_score_guarded(loss_fn.guarded)
     run.finish(examples=run.step * args.batch_size * world, false_negatives=false_negatives,
                score_guarded=score_guarded,
                skipped_lines=stream.skipped.total, release=str(final))

@@ -11,6 +11,10 @@ and the cbb case again under ZeRO 0-3, with and without GradCache, with sparse e
 (train/run/runner.py's use_sparse_embedding_gradients, as its build_engine calls it), against the dense step;
 and the memory case: pre-training at a global batch of 1,024 pairs with GradCache (mini-batches of
 32 texts) against 2 x 32 pairs per rank without, measured as the peak bytes of tensors held for backward.
+Each cached step also counts DeepSpeed's gradient reductions (all-reduce, reduce, reduce-scatter through
+deepspeed.comm's backend, which every ZeRO stage uses; the loss's own gathers go through torch.distributed
+and are not counted) at each mini-batch's backward and in the whole GradCache backward; the pretrain case
+runs again under ZeRO-2 and 3 with --grad-cache-reduce once (DeepSpeed's coalesce_grad_reduction).
 """
 import sys
 import weakref
@@ -75,6 +79,34 @@ class _Holder:
         self.t = t
 
 
+REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter", "all_reduce_coalesced")
+REDUCED = [0]  # DeepSpeed's gradient reductions so far on this rank
+
+
+def count_reductions() -> None:
+    """Wrap the reductions of deepspeed.comm's backend object: ZeRO 1/2 reach it through dist.all_reduce
+    and dist.reduce, ZeRO-3 through reduce_scatter_fn, which calls the backend's reduce_scatter_tensor."""
+    from deepspeed.comm import comm
+    for name in REDUCTIONS:
+        if hasattr(comm.cdb, name):
+            def counted(*args, __call=getattr(comm.cdb, name), **kwargs):
+                REDUCED[0] += 1
+                return __call(*args, **kwargs)
+            setattr(comm.cdb, name, counted)
+
+
+def counting_backward(engine, per_backward: list) -> None:
+    """engine.backward that appends the reductions each call makes (GradCache calls engine.backward)."""
+    backward = engine.backward
+
+    def counted(loss, *args, **kwargs):
+        before = REDUCED[0]
+        out = backward(loss, *args, **kwargs)
+        per_backward.append(REDUCED[0] - before)
+        return out
+    engine.backward = counted
+
+
 def engine_for(model_dir: str, stage: int, world: int, sparse: bool = False):
     model = SentenceTransformer(model_dir, device="cpu")
     cfg = load_ds_config(ROOT / f"ds_configs/zero{stage}.json", 1, world, grad_clip=0.0, precision="fp32")
@@ -111,11 +143,12 @@ def with_negatives(stream):
     return batch
 
 
-def one_step(model_dir, stage, case, mini_batch, config_path, rank, world, sparse=False) -> dict:
+def one_step(model_dir, stage, case, mini_batch, config_path, rank, world, sparse=False, once=False) -> dict:
     engine, model = engine_for(model_dir, stage, world, sparse)
-    forwards = []
+    forwards, per_backward = [], []
     engine.module.register_forward_hook(lambda _, args, __: forwards.append(args[0]["input_ids"].shape[0]))
-    cache = GradCache(engine, mini_batch, engine.device) if mini_batch else None
+    cache = GradCache(engine, mini_batch, engine.device, reduce_once=once) if mini_batch else None
+    counting_backward(engine, per_backward)
     if case == "pretrain":
         loss = pretrain_loss(engine, model, cache, with_negatives(PairStream(DEMO, global_batch=16, seed=1)), rank, world)
         losses = {"infonce": loss.item()}
@@ -133,14 +166,16 @@ def one_step(model_dir, stage, case, mini_batch, config_path, rank, world, spars
         result = step_loss(batches, now, encode, task_groups(tasks), rank, world,
                            LossSettings(0.05, 20.0, dims=[8, 16, 32], weights=[1.0, 0.5, 1.0]), miners={})
         loss, losses = result.total, {k: v.item() for k, v in result.losses.items()}
+    before = REDUCED[0]
     (cache.backward if cache else engine.backward)(loss)
+    reductions = {"per_backward": per_backward, "total": REDUCED[0] - before}
     word = model[0].auto_model.get_input_embeddings().weight
     sparse_reduced = word.grad is not None and word.grad.is_sparse
     densify_embedding_gradients(engine.module)  # as train/run/runner.py's Run.optimize does
     grads = full(engine, safe_get_full_grad)
     engine.step()
     return {"losses": losses, "grads": grads, "weights": full(engine, safe_get_full_fp32_param), "forwards": len(forwards),
-            "sparse_reduced": sparse_reduced}
+            "sparse_reduced": sparse_reduced, "reductions": reductions}
 
 
 def memory(model_dir, mini_batch, rank, world) -> dict:
@@ -166,12 +201,16 @@ def memory(model_dir, mini_batch, rank, world) -> dict:
 def main() -> None:
     model_dir, config_path, out, mini_batch = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     deepspeed.init_distributed(dist_backend="gloo")
+    count_reductions()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for stage in (1, 2, 3):
         for case in ("pretrain", "cbb"):
             for cached in (0, mini_batch):
                 results[(stage, case, cached)] = one_step(model_dir, stage, case, cached, config_path, rank, world)
+    for stage in (2, 3):  # --grad-cache-reduce once
+        results[(stage, "pretrain", mini_batch, "once")] = one_step(model_dir, stage, "pretrain", mini_batch,
+                                                                    config_path, rank, world, once=True)
     results[(0, "cbb", 0)] = one_step(model_dir, 0, "cbb", 0, config_path, rank, world)
     for stage in (0, 1, 2, 3):  # sparse embedding gradients (train/models/model.py), against the dense step above
         for cached in (0, mini_batch):

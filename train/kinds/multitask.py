@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -33,11 +34,13 @@ class StepResult:
     guarded: int = 0                                        # ... and by the score guard
 
 
-def task_groups(tasks: list[Task]) -> dict:
-    """One process group per task (every rank creates every group, in the same order)."""
+def task_groups(tasks: list[Task], timeout: timedelta | None = None) -> dict:
+    """One process group per task (every rank creates every group, in the same order), waiting `timeout`
+    for a lost rank as the default group does (torch gives a new group its backend's default otherwise:
+    NCCL's is 10 minutes, whatever --dist-timeout says)."""
     world = dist.get_world_size()
-    return {t.name: LOCAL if len(t.assigned) == 1 else dist.new_group(t.assigned) if len(t.assigned) < world else None
-            for t in tasks}
+    return {t.name: LOCAL if len(t.assigned) == 1 else dist.new_group(t.assigned, timeout=timeout)
+            if len(t.assigned) < world else None for t in tasks}
 
 
 def tasks_this_step(tasks: list[Task], rank: int, step: int, schedule: str, seed: int) -> list[Task]:

@@ -55,11 +55,13 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         started = time.perf_counter()
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        _count(started, grad)
+        # summed in fp32: a bf16 engine's embeddings bring a bf16 gradient here, and a ring all-reduce
+        # would round it at every hop (the error growing with the ranks) where DeepSpeed reduces in fp32
+        total = grad.float().contiguous()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        _count(started, total)
         me = rank(ctx.group)
-        return grad[me * ctx.rows:(me + 1) * ctx.rows], None
+        return total[me * ctx.rows:(me + 1) * ctx.rows].to(grad.dtype), None
 
 
 def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:

@@ -56,7 +56,7 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def open_sentence_transformer(source: str, local_only: bool, dtype: str = "float32",
-                              device: str = "cpu", attn_implementation: str | None = None) -> SentenceTransformer:
+                              device: str | None = "cpu", attn_implementation: str | None = None) -> SentenceTransformer:
     """A SentenceTransformer with its weights in `dtype`. transformers 5 otherwise loads a checkpoint
     in the dtype its config names: LLM backbones (Qwen, Llama, gte-Qwen2) are saved in bf16, and
     AdamW's 1e-5-sized updates to bf16 weights round away; the release and its check would compare a
@@ -69,6 +69,12 @@ def open_sentence_transformer(source: str, local_only: bool, dtype: str = "float
         return SentenceTransformer(source, device=device, local_files_only=local_only, model_kwargs=kwargs)
     except ImportError as e:  # flash_attention_2 without flash-attn installed, for one
         raise SystemExit(f"--attn-implementation {attn_implementation}: {e}") from None
+
+
+def release_kernel(attn_implementation: str | None) -> str | None:
+    """The attention kernel to rebuild and check a release with: flash-attn has no fp32 and no CPU
+    kernels, and the release is rebuilt in fp32 on the CPU; sdpa (transformers' default) computes the same."""
+    return None if attn_implementation == "flash_attention_2" else attn_implementation
 
 
 def load_model(name_or_path: str, device: str = "cpu", max_length: int | None = None,
@@ -180,10 +186,30 @@ def add_expansion_layer(model: SentenceTransformer, out_dim: int, seed: int = 0)
     weight[:width] = torch.eye(width)
     dense = Dense(width, out_dim, bias=True, activation_function=torch.nn.Identity(),
                   init_weight=weight, init_bias=torch.zeros(out_dim))
-    expanded = SentenceTransformer(modules=modules[:at + 1] + [dense] + modules[at + 1:], device="cpu",
-                                   prompts=dict(model.prompts), similarity_fn_name="cosine")
-    expanded.max_seq_length = model.max_seq_length
-    return expanded
+    # where the backbone's weights are and in their dtype: a backbone built under ZeRO-3's zero.Init in bf16
+    # holds bf16 weights, and DeepSpeed partitions the layer with them only if it is bf16 too
+    first = next(model.parameters(), None)
+    if first is not None:
+        dense.to(device=first.device, dtype=first.dtype)
+    insert_module(model, at + 1, dense)
+    model.similarity_fn_name = "cosine"
+    return model
+
+
+def insert_module(model: SentenceTransformer, at: int, module: torch.nn.Module) -> None:
+    """Put `module` at position `at` of the model's modules, in place, renumbering those after it (and their
+    per-module forward kwargs). In place, not a new SentenceTransformer: its constructor moves every
+    module to one device (`self.to(device)`), which under ZeRO-3 would take the weight placeholders and
+    buffers off the GPU where zero.Init put them, and DeepSpeed never moves such a model back."""
+    names = list(model._modules)
+    modules = [model._modules[n] for n in names]
+    modules.insert(at, module)
+    renamed = {old: str(i + (i >= at)) for i, old in enumerate(names)}
+    model._modules.clear()
+    for i, m in enumerate(modules):
+        model._modules[str(i)] = m
+    if model.module_kwargs:
+        model.module_kwargs = {renamed.get(k, k): v for k, v in model.module_kwargs.items()}
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, expansion_lr: float | None = None) -> list[dict]:

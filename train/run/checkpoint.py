@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train.run.cluster import agree, from_rank_zero, host_barrier, host_group, local_rank
+from train.run.cluster import accelerator_is_gpu, agree, from_rank_zero, host_barrier, host_group, local_rank
 
 STORAGES = ("shared", "node-local")
 
@@ -62,8 +62,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_states() -> dict:
+    """This rank's RNG states; on a GPU, its own device's generator only (the one its dropout draws from):
+    the states of all visible devices would not restore where a node shows another number of them."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if accelerator_is_gpu() else None}
 
 
 def restore_rng_states(path: Path) -> None:
@@ -72,8 +74,11 @@ def restore_rng_states(path: Path) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # saved by an older version: every visible device's state
+        cuda = cuda[torch.cuda.current_device()] if accelerator_is_gpu() and torch.cuda.current_device() < len(cuda) else None
+    if cuda is not None and accelerator_is_gpu():
+        torch.cuda.set_rng_state(cuda)
 
 
 def files_this_rank_reads(tag_dir: Path, rank: int, stage: int, same_world: bool) -> list[Path]:
@@ -148,7 +153,8 @@ class Checkpoints:
         stage = engine.zero_optimization_stage()
         saved = from_rank_zero(lambda: _read_marker(tag_dir))
         same_world = saved is None or saved.get("world", self.world) == self.world
-        refusal = self.shape_refusal(saved, stage) if saved else None
+        fp32_accumulation = (getattr(engine, "config", None) or {}).get("data_types", {}).get("grad_accum_dtype") == "fp32"
+        refusal = self.shape_refusal(saved, stage, fp32_accumulation) if saved else None
         if refusal:
             raise SystemExit(f"--resume: {tag_dir}: {refusal}")
         agree(lambda: self._check_readable(tag_dir, stage, same_world), f"--resume {tag_dir}")
@@ -163,8 +169,10 @@ class Checkpoints:
             print(f"resumed from {tag_dir} at step {client['step']}{note}", flush=True)
         return client
 
-    def shape_refusal(self, saved: dict, stage: int) -> str | None:
-        """Why a checkpoint of `saved` shape cannot continue in this run, with what to pass instead; None if it can."""
+    def shape_refusal(self, saved: dict, stage: int, fp32_accumulation: bool = False) -> str | None:
+        """Why a checkpoint of `saved` shape cannot continue in this run, with what to pass instead; None if it can.
+        fp32_accumulation: this run accumulates bf16 gradients in fp32 (GradCache in bf16), which DeepSpeed
+        does at ZeRO 1-3 only, so even zero0.json runs at ZeRO-1 (ds_config.py's accumulate_in_fp32)."""
         old_world, new_world = saved.get("world"), self.world
         old_batch, new_batch = saved.get("global_batch"), self.shape.get("global_batch")
         old_stage = saved.get("zero_stage", stage)
@@ -181,9 +189,13 @@ class Checkpoints:
                     f"the data order, the saved data position and the LR schedule are counted in global batches, "
                     f"so examples would repeat or be skipped{hint}")
         if old_world != new_world and stage != 0:
+            instead = ("a run in bf16 with --mini-batch accumulates gradients in fp32, which DeepSpeed does at ZeRO 1-3 "
+                       "only, so it runs at ZeRO-1 even under ds_configs/zero0.json; to train on a number of ranks "
+                       "that may change, use zero0.json with --precision fp32 or without --mini-batch" if fp32_accumulation
+                       else "or train under ds_configs/zero0.json, which any number of ranks can resume at the same "
+                            "global batch")
             return (f"saved by {old_world} ranks under ZeRO-{stage}, whose optimizer state is partitioned over "
-                    f"{old_world} ranks; resume on {old_world} ranks (or train under ds_configs/zero0.json, "
-                    f"which any number of ranks can resume at the same global batch)")
+                    f"{old_world} ranks; resume on {old_world} ranks ({instead})")
         return None
 
     def _check_readable(self, tag_dir: Path, stage: int, same_world: bool) -> None:

@@ -17,15 +17,38 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 _HOST_GROUP: list = [None]  # the gloo group made by open_host_group (None: the default group is gloo)
+_PATIENT_GROUP: list = [None]  # gloo, a long timeout: where the other ranks wait while rank 0 writes the release
+RELEASE_WAIT = timedelta(hours=24)  # a release of a large LLM on a slow disk can take longer than --dist-timeout
 
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def accelerator_is_gpu() -> bool:
+    """Whether this run trains on a CUDA GPU, as DeepSpeed's accelerator decides (DS_ACCELERATOR, else
+    what it detects); not whether torch sees a GPU: a run pinned to the CPU (DS_ACCELERATOR=cpu, as the
+    tests are) on a GPU machine sees one, and every choice that follows the device (bf16, the
+    optimizer, threads, memory figures) must follow the accelerator the engine uses."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name() == "cuda"
+
+
+def run_device() -> torch.device:
+    """The device this rank trains on: the one DeepSpeed's engine and ZeRO-3's zero.Init place it on
+    (cuda:LOCAL_RANK on a GPU node, cpu on the CPU accelerator)."""
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(accelerator.device_name(local_rank()))
 
 
 def bind_device() -> str:
@@ -40,9 +63,12 @@ def bind_device() -> str:
     return accelerator.device_name(local_rank())
 
 
-def open_host_group() -> None:
-    """A gloo group over all ranks for host-side messages (a collective: every rank calls it once)."""
-    _HOST_GROUP[0] = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+def open_host_group(timeout: timedelta | None = None) -> None:
+    """A gloo group over all ranks for host-side messages, waiting `timeout` for a lost rank (torch's
+    default for a new group is 30 minutes, whatever --dist-timeout says), and a second one whose only
+    use is `wait_for_rank_zero` (collectives: every rank calls it once)."""
+    _HOST_GROUP[0] = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
+    _PATIENT_GROUP[0] = dist.new_group(backend="gloo", timeout=RELEASE_WAIT)
 
 
 def host_group():
@@ -52,6 +78,14 @@ def host_group():
 
 def host_barrier() -> None:
     dist.barrier(group=host_group())
+
+
+def wait_for_rank_zero() -> None:
+    """Every rank waits here until rank 0 arrives, for up to RELEASE_WAIT (a barrier on the patient group):
+    for the end of work rank 0 does alone that may outlast --dist-timeout (writing and checking the
+    release). Any other collective would time out there and the launcher would kill rank 0 mid-write.
+    A rank 0 that dies meanwhile is noticed by the launcher, which stops the others."""
+    dist.barrier(group=_PATIENT_GROUP[0] if _PATIENT_GROUP[0] is not None else host_group())
 
 
 def is_multi_node(env: dict | None = None) -> bool:

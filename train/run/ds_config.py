@@ -6,9 +6,17 @@ from pathlib import Path
 
 import torch
 
+from train.run.cluster import accelerator_is_gpu
+from train.run.op_build import bounded_extension_wait
+
 
 def bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """The run's GPU computes in bf16 (never on the CPU accelerator, even where torch sees a GPU)."""
+    return accelerator_is_gpu() and torch.cuda.is_bf16_supported()
+
+
+def computes_in_half_precision(cfg: dict) -> bool:
+    return any(cfg.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
 
 
 def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: float,
@@ -47,7 +55,7 @@ def load_ds_config(path: str | Path, micro_batch: int, world: int, grad_clip: fl
         accumulate_in_fp32(cfg)
     if storage == "node-local":
         cfg.setdefault("checkpoint", {})["use_node_local_storage"] = True
-    if offloads_optimizer(cfg) and not torch.cuda.is_available():
+    if offloads_optimizer(cfg) and not accelerator_is_gpu():
         cfg["zero_force_ds_cpu_optimizer"] = False  # on a CPU machine torch's AdamW may stand in (build_optimizer)
     return cfg
 
@@ -65,11 +73,40 @@ def accumulate_in_fp32(cfg: dict) -> None:
     cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
 
 
+def configured_stage(path: str | Path) -> int:
+    """The ZeRO stage the config file asks for (0 where it names none)."""
+    return json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
+
+
+def setup_notes(path: str | Path, cfg: dict, mini_batch: int, grad_cache_reduce: str = "per-mini-batch",
+                trained_weights: int = 0) -> list[str]:
+    """What the run does that its config file does not say, for the start-up log and summary.json:
+    a ZeRO stage raised for fp32 gradient accumulation, and what GradCache costs under ZeRO-2 and 3."""
+    notes, stage, asked = [], cfg.get("zero_optimization", {}).get("stage", 0), configured_stage(path)
+    if stage != asked:
+        notes.append(f"ZeRO-{stage}, not the ZeRO-{asked} of {Path(path).name}: bf16 with --mini-batch accumulates "
+                     "gradients in fp32, which DeepSpeed does at ZeRO 1-3 only; the optimizer state is then "
+                     "partitioned, so a resume needs the same number of ranks (--precision fp32, or no "
+                     "--mini-batch, keeps ZeRO-0, which any number of ranks can resume)")
+    if mini_batch and stage >= 2:
+        fp32 = cfg.get("data_types", {}).get("grad_accum_dtype") == "fp32" or not computes_in_half_precision(cfg)
+        size = trained_weights * (4 if fp32 else 2)
+        whole = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+        if grad_cache_reduce == "once":
+            notes.append(f"GradCache under ZeRO-{stage}, --grad-cache-reduce once: one gradient reduction per step; "
+                         f"every rank holds whole gradients of the trained weights until it ({whole})")
+        else:
+            notes.append(f"GradCache under ZeRO-{stage}: DeepSpeed reduces the partitioned gradients at every "
+                         "mini-batch's backward, so a step of k mini-batches communicates k times what one backward "
+                         "does; ZeRO-1 (ds_configs/zero1.json) reduces once per step, and so does "
+                         f"--grad-cache-reduce once, holding whole gradients on every rank ({whole} here)")
+    return notes
+
+
 def reduces_sparse_gradients(cfg: dict) -> bool:
     """Plain data parallel in fp32 (ZeRO-0, no bf16/fp16 optimizer): DeepSpeed's all-reduce takes a
     sparse gradient as it is (gathering its rows); every other setup needs dense gradients as they land."""
-    return cfg.get("zero_optimization", {}).get("stage", 0) == 0 and \
-        not any(cfg.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
+    return cfg.get("zero_optimization", {}).get("stage", 0) == 0 and not computes_in_half_precision(cfg)
 
 
 def offloads_optimizer(cfg: dict) -> bool:
@@ -84,13 +121,14 @@ def build_optimizer(params, cfg: dict, lr: float, weight_decay: float) -> torch.
     0.23 s against 0.94 s a step), and on CPU the optimizer step is a tenth of a small model's step.
     Its kernel is compiled once per machine (about a minute, cached); where that fails (no compiler)
     torch's AdamW takes over, with a warning. `params`: parameters, or groups with their own "lr"."""
-    on_gpu = torch.cuda.is_available()
+    on_gpu = accelerator_is_gpu()
     if on_gpu and not offloads_optimizer(cfg):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     params = list(params)  # both optimizers below may need to read it
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
-        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+        with bounded_extension_wait():  # a lock left by a killed build: said, and bounded (op_build.py)
+            return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
     except Exception as e:  # the JIT build of the kernel: no compiler, no headers
         if on_gpu:
             raise  # ZeRO-Offload needs it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -138,21 +139,53 @@ def bf16_error(model, texts: list[str], prompt: str, reference: torch.Tensor) ->
     return (low.float().cpu() - reference).abs().max().item()
 
 
+@contextmanager
+def all_cores():
+    """Every core of this process's CPU set while rank 0 works alone (the release's CPU work): a launcher
+    gives each rank one thread (torchrun's OMP_NUM_THREADS=1 with several ranks), and the other ranks
+    are idle, waiting for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _encode_check(final_dir: Path, texts: list[str], prompt: str, reference: torch.Tensor, bf16: bool,
+                  train_max_length: int, device: str) -> tuple[float, float, int]:
+    """(max |diff| to `reference`, tolerance, the release's max_seq_length), the release encoded on `device`."""
+    from train.models.model import open_sentence_transformer
+    exported = open_sentence_transformer(str(final_dir), local_only=True, device=device)  # fp32, as the masters
+    release_length = exported.max_seq_length
+    exported.max_seq_length = train_max_length  # compare like with like; the release keeps its own length
+    got = exported.encode(texts, prompt=prompt, convert_to_tensor=True, batch_size=len(texts)).float().cpu()
+    diff = (got - reference).abs().max().item()
+    tolerance = max(BF16_MARGIN * bf16_error(exported, texts, prompt, got), FP32_TOLERANCE) if bf16 else FP32_TOLERANCE
+    del exported
+    return diff, tolerance, release_length
+
+
 def check_export(final_dir: Path, texts: list[str], prompt: str, engine_emb: torch.Tensor, bf16: bool,
-                 train_max_length: int) -> float:
+                 train_max_length: int, device: str = "cpu") -> float:
     """Reload the release folder, encode as the engine did (same prompt, training length) and compare.
 
     fp32: the two differ only by summation order. bf16: the engine ran in bf16 and the release is
     its fp32 master copy, so the tolerance is derived from this model: BF16_MARGIN times the change
     that bf16 arithmetic itself makes to these embeddings. Keeps the evidence in export_check.pt.
+    On the engine's `device` (a GPU encodes an LLM's 512-token probes in fp32 and bf16 in seconds where
+    one CPU thread takes minutes); where the release does not fit beside the engine, on the CPU (run
+    inside `all_cores`, as export_release does).
     """
-    from train.models.model import open_sentence_transformer
-    exported = open_sentence_transformer(str(final_dir), local_only=True)  # fp32, as the masters it holds
-    release_length = exported.max_seq_length
-    exported.max_seq_length = train_max_length  # compare like with like; the release keeps its own length
-    got = exported.encode(texts, prompt=prompt, convert_to_tensor=True, batch_size=len(texts)).cpu()
-    diff = (got - engine_emb).abs().max().item()
-    tolerance = max(BF16_MARGIN * bf16_error(exported, texts, prompt, got), FP32_TOLERANCE) if bf16 else FP32_TOLERANCE
+    try:
+        diff, tolerance, release_length = _encode_check(final_dir, texts, prompt, engine_emb, bf16,
+                                                         train_max_length, device)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        print(f"export check: the release does not fit on {device} beside the engine; checking on the CPU")
+        diff, tolerance, release_length = _encode_check(final_dir, texts, prompt, engine_emb, bf16,
+                                                         train_max_length, "cpu")
     torch.save({"texts": texts, "prompt": prompt, "embeddings": engine_emb, "max_abs_diff": diff,
                 "tolerance": tolerance, "train_max_length": train_max_length, "release_max_length": release_length},
                final_dir.parent / "export_check.pt")
@@ -182,6 +215,9 @@ def export_release(engine, checkpoints, step: int, client_state: dict, embed, pr
         probe = embed(probe_texts, probe_prompt)
     final = checkpoints.dir.parent / "final"
     if engine.global_rank == 0:
-        export_sentence_transformer(rebuild, weights, final, prompts, release_max_length, finalize)
-        check_export(final, probe_texts, probe_prompt, probe.float().cpu(), engine.bfloat16_enabled(), train_max_length)
+        fault_injection.while_exporting()
+        with all_cores():  # the rebuild, the LoRA merge and the save run on the CPU
+            export_sentence_transformer(rebuild, weights, final, prompts, release_max_length, finalize)
+            check_export(final, probe_texts, probe_prompt, probe.float().cpu(), engine.bfloat16_enabled(),
+                         train_max_length, device=str(engine.device))
     return final

@@ -37,7 +37,7 @@ def merge_weights(finetuned: SentenceTransformer, base: SentenceTransformer, wei
     with torch.no_grad():
         for name, tensor in ft_state.items():
             if tensor.is_floating_point():
-                tensor.mul_(weight).add_(base_state[name].to(tensor.dtype), alpha=1.0 - weight)
+                tensor.mul_(weight).add_(base_state[name].to(tensor.device, tensor.dtype), alpha=1.0 - weight)
     kept = sum(1 for module in list(finetuned)[1:] for _ in module.parameters())  # pooling / expansion / normalize: as fine-tuned
     return len(ft_state), kept
 

@@ -29,9 +29,12 @@ import torch.distributed as dist
 
 from train.args import RunConfig
 from train.run.checkpoint import Checkpoints, seed_everything
-from train.run.cluster import agree, bind_device, host_barrier, host_group, local_rank, open_host_group, refuse_unreachable_gloo
+from train.run.cluster import (accelerator_is_gpu, agree, bind_device, host_barrier, host_group, local_rank,
+                               open_host_group, refuse_unreachable_gloo, run_device, wait_for_rank_zero)
 from train.losses.distributed import all_reduce_sum
-from train.run.ds_config import build_optimizer, load_ds_config, reduces_sparse_gradients
+from train.run.ds_config import (build_optimizer, computes_in_half_precision, load_ds_config, reduces_sparse_gradients,
+                                 setup_notes)
+from train.run.placement import refuse_misplaced
 from train.run.export import export_release
 from train.run.input_guard import read_or_stop
 from train.run.run_log import RunLog
@@ -41,7 +44,7 @@ from train.run.trace import ExampleTrace
 
 def set_cpu_threads() -> None:
     """On CPU, share the cores between the local ranks instead of oversubscribing them."""
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+    if accelerator_is_gpu() or "OMP_NUM_THREADS" in os.environ:
         return
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
@@ -59,7 +62,7 @@ def start_run(seed: int, timeout_minutes: float = 30) -> tuple[int, int]:
     bind_device()  # before any collective: NCCL and every object collective use the current device
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     refuse_unreachable_gloo()
-    open_host_group()
+    open_host_group(timedelta(minutes=timeout_minutes))
     seed_everything(seed)
     return dist.get_rank(), dist.get_world_size()
 
@@ -87,7 +90,11 @@ def open_backbone(name: str, config: RunConfig, micro_batch: int, world: int):
     copy). Under ZeRO-3 every rank instead builds the model inside deepspeed.zero.Init, which
     transformers enters while an HfDeepSpeedConfig of the run's config is alive: each weight is
     partitioned as it is made and loaded shard by shard, so no rank ever holds the whole model
-    (construction is collective then, so the ranks first agree that every one of them can reach it)."""
+    (construction is collective then, so the ranks first agree that every one of them can reach it).
+    There the model is opened on this rank's device, not the CPU: sentence-transformers moves every
+    weight placeholder and buffer to the device it is given, DeepSpeed does not move a model built
+    under zero.Init (engine.py, _configure_distributed_model), and a gathered weight lands on its
+    placeholder's device (partition_parameters.py), so a CPU load fails at the first forward on a GPU."""
     from train.models.backbone import backbone_options, has_sentence_transformers_config, prepare_backbone
     from train.models.model import load_model, resolve_model
     training, m = config.training, config.model
@@ -95,12 +102,13 @@ def open_backbone(name: str, config: RunConfig, micro_batch: int, world: int):
                    attn_implementation=m.attn_implementation)
     ds_config = load_ds_config(training.deepspeed_config, micro_batch, world, training.max_grad_norm,
                                training.precision, config.reliability.checkpoint_storage, training.mini_batch)
+    refuse_unworkable_kernel(m.attn_implementation, ds_config)
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         local_rank_zero_first(resolve_model, name)
         from transformers.integrations import HfDeepSpeedConfig
         zero_init = HfDeepSpeedConfig(ds_config)  # transformers reads it through a weak reference
         try:
-            model, source, local_only = load(name)
+            model, source, local_only = load(name, device=str(run_device()))
         finally:
             del zero_init  # later loads (the export's rebuild) build whole models again
     else:
@@ -109,10 +117,30 @@ def open_backbone(name: str, config: RunConfig, micro_batch: int, world: int):
     return model, source, local_only, backbone
 
 
+def refuse_unworkable_kernel(attn_implementation: str | None, ds_config: dict) -> None:
+    """flash-attn has CUDA kernels for fp16 and bf16 only: anything else would crash inside it at the
+    first forward, after the model was loaded and the engine built. Said at start-up instead."""
+    if attn_implementation != "flash_attention_2":
+        return
+    if not accelerator_is_gpu():
+        raise SystemExit("--attn-implementation flash_attention_2: flash-attn runs on CUDA GPUs only and this run "
+                         "is on the CPU; pass --attn-implementation sdpa")
+    if not computes_in_half_precision(ds_config):
+        raise SystemExit("--attn-implementation flash_attention_2: flash-attn computes in bf16 or fp16 only and this "
+                         "run computes in fp32 (--precision fp32, or auto on a GPU without bf16); pass --precision "
+                         "bf16, or --attn-implementation sdpa")
+
+
+def trained_weights(model: torch.nn.Module) -> int:
+    """How many weights train (under ZeRO-3 a parameter's own numel is 0: its ds_numel counts)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
 def end_run() -> None:
     """Leave together and exit now: a ZeRO-3 run resumed from a checkpoint can otherwise abort in
-    interpreter teardown and turn a finished run into a failed one."""
-    host_barrier()
+    interpreter teardown and turn a finished run into a failed one. The other ranks wait for rank 0
+    with no --dist-timeout: it may still be writing, merging or uploading the release."""
+    wait_for_rank_zero()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -142,10 +170,13 @@ def build_engine(model, config: RunConfig, micro_batch: int, world: int, total_s
                          f"(fp32 master weights in the optimizer) or --model-dtype float32")
     use_sparse_embedding_gradients(model, ds_config)
     groups = parameter_groups(model, training.lr, training.expansion_lr)
-    optimizer = build_optimizer(groups, ds_config, training.lr, training.weight_decay)
+    # every rank stops if one cannot build it (its kernel's build lock left by a killed run: op_build.py)
+    optimizer = agree(lambda: build_optimizer(groups, ds_config, training.lr, training.weight_decay),
+                      "building the optimizer")
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(training.warmup_ratio * total_steps), total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    refuse_misplaced(engine)  # a weight or buffer off the engine's device stops here, not at the first forward
     return engine, scheduler
 
 
@@ -168,6 +199,11 @@ class Run:
                           config.training.log_steps, self.control)
         self.guard = StepGuard(engine, config.reliability.max_bad_steps, self.log.timed, self.log.say)
         self.trace = ExampleTrace(self.out_dir, self.rank, self.step) if config.reliability.trace_examples else None
+        # what DeepSpeed does other than the config file says (a raised ZeRO stage, GradCache's reductions)
+        self.setup_notes = setup_notes(config.training.deepspeed_config, engine.config, config.training.mini_batch,
+                                       config.training.grad_cache_reduce, trained_weights(engine.module))
+        for note in self.setup_notes:
+            self.say(note)
         engine.train()
 
     @property
@@ -206,8 +242,8 @@ class Run:
     def grad_cache(self):
         """GradCache for --mini-batch N, or None when it is off (train/step/grad_cache.py)."""
         from train.step.grad_cache import GradCache
-        n = self.config.training.mini_batch
-        return GradCache(self.engine, n, self.engine.device, self.control) if n else None
+        n, reduce = self.config.training.mini_batch, self.config.training.grad_cache_reduce
+        return GradCache(self.engine, n, self.engine.device, self.control, reduce_once=reduce == "once") if n else None
 
     def after_step(self, sources: list[str], client_state: Callable[[], dict]) -> None:
         """Trace, log, checkpoint; at --stop-at-step, leave as if preempted (the checkpoint is saved)."""
@@ -226,7 +262,9 @@ class Run:
     def export(self, client_state: dict, embed: Callable, probe_texts: list[str], probe_prompt: str,
                rebuild: Callable, prompts: dict[str, str], finalize: Callable | None = None) -> Path:
         """The end of training: its figures (run_log.py), then the release (export.py's export_release).
-        `finalize(model)`: the release form of the rebuilt model holding the trained weights (LoRA merged)."""
+        `finalize(model)`: the release form of the rebuilt model holding the trained weights (LoRA merged).
+        Every collective of the run must come before: rank 0 writes the release alone, for as long as a
+        large model takes, and the other ranks wait for it only in `end_run` (no timeout-bound collective)."""
         stats = self.log.training_ended(self.step)
         model = self.config.model
         final = export_release(self.engine, self.checkpoints, self.step, client_state, embed, probe_texts, probe_prompt,
@@ -256,7 +294,9 @@ class Run:
 
     def finish(self, **facts) -> None:
         """OUTPUT_DIR/summary.json: the training figures, the steps skipped and what the script adds."""
-        path = self.log.write_summary(world=self.world, skipped_steps=self.guard.skipped_steps, **facts)
+        path = self.log.write_summary(world=self.world, skipped_steps=self.guard.skipped_steps,
+                                      zero_stage=self.engine.zero_optimization_stage(), setup_notes=self.setup_notes,
+                                      **facts)
         if path:
             print(f"summary: {path}")
 

@@ -13,13 +13,24 @@ embedding depends only on that text. So the step splits in three:
 
 Only step 3's one mini-batch holds activations at a time. The price is a second forward (~+1/3
 compute). Dropout draws the same masks in both forwards: each mini-batch restores the RNG state it
-started from. DeepSpeed sees step 3 as gradient accumulation (boundary only at the last mini-batch),
-so ZeRO 1-3 reduce and partition the gradient as they would the uncached one. Every rank runs the
-same number of mini-batches (the largest any rank needs), which ZeRO-3's parameter gathers require.
+started from. Every rank runs the same number of mini-batches (the largest any rank needs), which
+ZeRO-3's parameter gathers require.
+
+DeepSpeed sees step 3 as gradient accumulation (the boundary only at the last mini-batch): the
+gradient is the uncached one at every stage, but how often it crosses the network depends on the
+stage (DeepSpeed 0.19.8; counted in tests/test_grad_cache.py):
+    ZeRO-0, ZeRO-1 (and bf16's BF16_Optimizer)   once per step, at the boundary
+    ZeRO-2, ZeRO-3                               at every mini-batch's backward: k reductions a step
+                                                 (engine.allreduce_gradients flushes the partitioned
+                                                 gradients whatever the boundary)
+    ZeRO-2, ZeRO-3 with reduce_once              once per step (engine.coalesce_grad_reduction), the
+                                                 price being whole gradients of the trained weights
+                                                 on every rank until the step's reduction
 """
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -31,18 +42,24 @@ class GradCache:
     """`encode` a rank's texts for the step, compute the loss from them, then `backward(loss)` instead
     of engine.backward(loss); engine.step() as usual."""
 
-    def __init__(self, engine, mini_batch: int, device, control_group=None):
+    def __init__(self, engine, mini_batch: int, device, control_group=None, reduce_once: bool = False):
         if mini_batch < 1:
             raise ValueError(f"--mini-batch must be >= 1 (0 turns GradCache off), got {mini_batch}")
         self.engine, self.mini_batch, self.device, self.control = engine, mini_batch, device, control_group
+        # only ZeRO-2/3 reduce per backward; ZeRO-0/1 reduce once already (and coalescing refuses their bf16 optimizer)
+        self.coalesce = reduce_once and engine.zero_optimization_stage() >= 2
         self._chunks: list = []  # (row indices, features, RNG state) of the step's mini-batches
         self._cached: torch.Tensor | None = None
         self._rows = 0
 
     def _chunk_count(self, rows: int) -> int:
-        """The mini-batches this step takes: the most any rank needs (a host-side all-reduce)."""
+        """The mini-batches this step takes: the most any rank needs (an all-reduce on the control group:
+        a CPU tensor on a gloo group, the host-side one; on the device where the group carries no CPU
+        tensors, e.g. NCCL, which refuses them: "No backend type associated with device type cpu")."""
         count = torch.tensor([math.ceil(rows / self.mini_batch)], dtype=torch.long)
         if dist.is_initialized():
+            if not carries_cpu_tensors(self.control):
+                count = count.to(self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.control)
         return max(1, int(count.item()))
 
@@ -74,14 +91,22 @@ class GradCache:
         grad = torch.cat([grad, grad.new_zeros(max(0, sum(len(i) for i, _, _ in self._chunks) - self._rows),
                                                grad.shape[1])])
         last = len(self._chunks) - 1
-        for c, (index, features, rng) in enumerate(self._chunks):
-            self.engine.set_gradient_accumulation_boundary(c == last)
-            with torch.random.fork_rng(devices=_cuda_devices(self.device)):
-                _set_rng_state(self.device, rng)
-                out = self.engine(to_device(features, self.device))["sentence_embedding"]
-            surrogate = (out * grad[torch.tensor(index, device=grad.device)].to(out.dtype)).sum()
-            self.engine.backward(surrogate)
+        with self.engine.coalesce_grad_reduction() if self.coalesce else nullcontext():
+            for c, (index, features, rng) in enumerate(self._chunks):
+                self.engine.set_gradient_accumulation_boundary(c == last)
+                with torch.random.fork_rng(devices=_cuda_devices(self.device)):
+                    _set_rng_state(self.device, rng)
+                    out = self.engine(to_device(features, self.device))["sentence_embedding"]
+                surrogate = (out * grad[torch.tensor(index, device=grad.device)].to(out.dtype)).sum()
+                self.engine.backward(surrogate)
         self._chunks, self._cached = [], None
+
+
+def carries_cpu_tensors(group=None) -> bool:
+    """Whether a process group's backend takes CPU tensors: gloo and mpi do, NCCL does not, and a mixed
+    backend names its device types ("cpu:gloo,cuda:nccl")."""
+    backend = str(dist.get_backend(group))
+    return backend in ("gloo", "mpi") or "cpu:" in backend
 
 
 def _cuda_devices(device) -> list:
