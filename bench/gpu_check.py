@@ -58,10 +58,13 @@ class Report:
         return ok
 
 
-def run(name: str, cmd: list[str], out: Path, timeout: int = 300) -> tuple[int, str, float]:
+def run(name: str, cmd: list[str], out: Path, timeout: int = 300, cpu: bool = False) -> tuple[int, str, float]:
+    """`cmd` with its output in OUT/<name>.log; `cpu`: pinned to the CPU, one thread a rank (--quick, which
+    must not pick up a GPU: on one GPU its second rank would bind cuda:1)."""
     started = time.time()
+    env = launch.script_env(threads=1 if cpu else None)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=launch.script_env(threads=None), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         code, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         code, text = 124, f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}"
@@ -76,14 +79,14 @@ def run_summary(output_dir: Path) -> dict:
 
 
 def training_check(report: Report, name: str, script: str, model: str, config: str, args: list[str], out: Path,
-                   ranks: int) -> None:
+                   ranks: int, cpu: bool) -> None:
     """A few bf16 steps on `ranks` ranks (torchrun, as a user launches: with several ranks it gives each one
     thread), the release and its export check."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port", "29431",
            str(ROOT / script), "--model", model, "--deepspeed-config", str(ROOT / f"ds_configs/{config}.json"),
            "--precision", "bf16", "--max-steps", "4", "--save-steps", "100000",
            "--output-dir", str(out / "runs" / name.replace(" ", "_")), *args]
-    code, text, seconds = run(name, cmd, out)
+    code, text, seconds = run(name, cmd, out, cpu=cpu)
     stats = run_summary(out / "runs" / name.replace(" ", "_"))
     exported = "export check: reloaded model matches the engine" in text
     check = next((ln for ln in text.splitlines() if ln.startswith("export check")), "no export check line")
@@ -98,7 +101,7 @@ def grad_cache_equals_plain(report: Report, model: str, out: Path, quick: bool) 
     """One rank on the device, fp32, ZeRO-1: the gradient of a step through GradCache against the plain step."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port", "29432",
            str(ROOT / "bench/gpu_grad_cache.py"), model, str(out / "grad_cache.json")]
-    code, text, _ = run("grad cache = plain", cmd, out)
+    code, text, _ = run("grad cache = plain", cmd, out, cpu=quick)
     if code:
         report.line("grad cache = plain", False, f"exit {code}: {' | '.join(text.strip().splitlines()[-3:])[:400]}")
         return
@@ -144,10 +147,10 @@ def main(argv=None) -> int:
     for config in ("zero0", "zero3"):
         if f"pretrain_{config}" not in skip:
             training_check(report, f"pretrain {config} cache", "train/pretrain.py", model, config, pretrain_args, out,
-                           ranks)
+                           ranks, args.quick)
     if "finetune" not in skip:
         training_check(report, "finetune zero3 cache", "train/finetune.py", model, "zero3",
-                       ["--mini-batch", "8" if args.quick else "32", "--merge-weight", "1", *length], out, ranks)
+                       ["--mini-batch", "8" if args.quick else "32", "--merge-weight", "1", *length], out, ranks, args.quick)
     if "grad_cache" not in skip:
         grad_cache_equals_plain(report, model, out, args.quick)
     if "llm" not in skip:
@@ -158,9 +161,9 @@ def main(argv=None) -> int:
         common = ["--mini-batch", "8" if args.quick else "32", "--merge-weight", "1", "--gradient-checkpointing",
                   *length]
         training_check(report, "llm lora zero3", "train/finetune.py", llm, "zero3",
-                       ["--lora-rank", "16", "--lr", "1e-4", *common], out, ranks)
+                       ["--lora-rank", "16", "--lr", "1e-4", *common], out, ranks, args.quick)
         training_check(report, "llm soft zero3", "train/finetune.py", llm, "zero3",
-                       ["--attention", "soft", "--lr", "1e-5", *common], out, ranks)
+                       ["--attention", "soft", "--lr", "1e-5", *common], out, ranks, args.quick)
     if "throughput" not in skip and not args.quick:
         throughput(report, out)
     failed = sum(line.startswith("FAIL") for line in report.lines)

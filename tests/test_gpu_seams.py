@@ -45,8 +45,12 @@ def test_zero3_backbone_is_only_ever_moved_to_the_ranks_gpu(tiny_model, tmp_path
 
 
 class FakeEngine:
-    def __init__(self, module, device="cpu", config=None):
-        self.module, self.device, self.config = module, torch.device(device), config or {}
+    def __init__(self, module, device="cpu", offload_param=None):
+        self.module, self.device, self.offload = module, torch.device(device), offload_param
+
+    def zero_offload_param(self):  # as DeepSpeed's engine parses it (None: no parameter offload)
+        from types import SimpleNamespace
+        return SimpleNamespace(device=self.offload) if self.offload else None
 
 
 def test_placement_check_names_each_tensor_off_the_engines_device():
@@ -70,7 +74,8 @@ def test_placement_check_reads_zero3_placeholders_and_partitions():
     module.weight = weight
     assert misplaced_tensors(module, torch.device("cpu"), torch.device("cpu")) == \
         ["weight (ZeRO-3 partition) on meta, expected cpu"]
-    offload = FakeEngine(module, config={"zero_optimization": {"offload_param": {"device": "cpu"}}})
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    offload = FakeEngine(module, offload_param=OffloadDeviceEnum.cpu)
     assert partition_device(offload) == torch.device("cpu")  # offload_param keeps partitions on the host
     assert misplaced_tensors(module, torch.device("meta"), torch.device("meta")) == \
         ["weight (ZeRO-3 placeholder, where its gathered weight lands) on cpu"]
@@ -151,6 +156,17 @@ def test_flash_attention_is_refused_at_start_up_where_it_cannot_run(monkeypatch)
         refuse_unworkable_kernel("flash_attention_2", fp32)
     refuse_unworkable_kernel("flash_attention_2", bf16)
     refuse_unworkable_kernel("sdpa", fp32)
+
+
+def test_reducing_once_in_bf16_is_refused_at_start_up():
+    """Inside DeepSpeed's coalesce_grad_reduction ZeRO-2/3 skip their fp32 accumulation: bf16 sums would follow."""
+    from train.run.ds_config import load_ds_config, refuse_unworkable_reduce
+    bf16 = load_ds_config(ROOT / "ds_configs/zero2.json", 8, 2, 1.0, precision="bf16", mini_batch=4)
+    with pytest.raises(SystemExit, match="summed in bf16"):
+        refuse_unworkable_reduce(bf16, 4, "once")
+    refuse_unworkable_reduce(bf16, 4, "per-mini-batch")
+    refuse_unworkable_reduce(load_ds_config(ROOT / "ds_configs/zero2.json", 8, 2, 1.0, precision="fp32", mini_batch=4),
+                             4, "once")
 
 
 def test_zero0_raised_to_zero1_for_bf16_grad_cache_is_said_and_the_resume_hint_is_true():

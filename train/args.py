@@ -82,7 +82,8 @@ def add_training_args(g) -> None:
     g.add_argument("--grad-cache-reduce", default="per-mini-batch", choices=["per-mini-batch", "once"],
                    help="GradCache under ZeRO-2/3, where DeepSpeed reduces gradients at each mini-batch's backward: "
                         "once reduces them once per step (DeepSpeed's coalesce_grad_reduction), holding whole "
-                        "gradients of the trained weights on every rank during the step (ZeRO-0/1 reduce once anyway)")
+                        "gradients of the trained weights on every rank during the step; fp32 only (ZeRO-0/1 reduce "
+                        "once anyway)")
     g.add_argument("--log-steps", type=int, default=10, help="steps between logged means (console bar, TensorBoard in OUTPUT_DIR/runs)")
     g.add_argument("--seed", type=int, default=42, help="data order, negative sampling, dropout, the expansion layer's start")
 

@@ -33,8 +33,8 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 def partition_device(engine) -> torch.device | None:
     """Where ZeRO-3 keeps this rank's partitions: the CPU under offload_param to cpu, nowhere to check
     under NVMe offload (None), else the engine's device."""
-    offload = (getattr(engine, "config", None) or {}).get("zero_optimization", {}).get("offload_param") or {}
-    device = offload.get("device", "none")
+    offload = engine.zero_offload_param()  # DeepSpeed's parsed config: the deprecated cpu_offload_param too
+    device = getattr(getattr(offload, "device", "none"), "value", getattr(offload, "device", "none"))
     if device == "nvme":
         return None
     return torch.device("cpu") if device == "cpu" else torch.device(engine.device)

@@ -33,7 +33,7 @@ from train.run.cluster import (accelerator_is_gpu, agree, bind_device, host_barr
                                open_host_group, refuse_unreachable_gloo, run_device, wait_for_rank_zero)
 from train.losses.distributed import all_reduce_sum
 from train.run.ds_config import (build_optimizer, computes_in_half_precision, load_ds_config, reduces_sparse_gradients,
-                                 setup_notes)
+                                 refuse_unworkable_reduce, setup_notes)
 from train.run.placement import refuse_misplaced
 from train.run.export import export_release
 from train.run.input_guard import read_or_stop
@@ -103,6 +103,7 @@ def open_backbone(name: str, config: RunConfig, micro_batch: int, world: int):
     ds_config = load_ds_config(training.deepspeed_config, micro_batch, world, training.max_grad_norm,
                                training.precision, config.reliability.checkpoint_storage, training.mini_batch)
     refuse_unworkable_kernel(m.attn_implementation, ds_config)
+    refuse_unworkable_reduce(ds_config, training.mini_batch, training.grad_cache_reduce)
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         local_rank_zero_first(resolve_model, name)
         from transformers.integrations import HfDeepSpeedConfig
