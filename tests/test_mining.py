@@ -157,7 +157,7 @@ def mined(tiny_model, tmp_path_factory):
     out = tmp / "mined.jsonl"
     proc = subprocess.run([sys.executable, str(ROOT / "data_prep/mine_negatives.py"), "--model", str(tiny_model),
                            "--input", str(data), "--corpus", str(corpus), "--output", str(out), "--top-k", "40",
-                           "--perc-pos", "100", "--chunk-size", "300"],  # perc-pos off: the tiny model is untrained
+                           "--perc-pos", "100", "--shard-rows", "300", "--embedding-dtype", "float32"],  # perc-pos off: untrained model
                           capture_output=True, text=True, check=True)
     return [json.loads(line) for line in open(out, encoding="utf-8")], proc.stdout, first
 
