@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-from data_prep.chunked import ChunkedJob
+from data_prep.chunked import open_part_job, part_of_run
 from train.input.records import json_object, text_field, text_list
 
 BINS = np.linspace(-1.0, 1.0, 41)
@@ -84,6 +84,18 @@ def all_gpus() -> list[str] | None:
     return [f"cuda:{i}" for i in range(n)] if n > 1 else None
 
 
+def part_devices(devices: str, part: tuple[int, int] | None, explicit: str | None) -> list[str] | None:
+    """--devices; a rank of a launch (a part not named by --part) with auto uses its own GPU, cuda:LOCAL_RANK."""
+    import os
+
+    import torch
+    if devices != "auto":
+        return devices.split(",")
+    if part is not None and not explicit:
+        return [f"cuda:{os.environ.get('LOCAL_RANK', 0)}"] if torch.cuda.is_available() else None
+    return all_gpus()
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -99,18 +111,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--query-prompt", default=None)
     ap.add_argument("--passage-prompt", default=None)
     ap.add_argument("--skip-bad", action="store_true", help="skip and count bad lines instead of stopping")
+    ap.add_argument("--part", default=None, metavar="I/N",
+                    help="do part I of N of the input (contiguous chunks) into OUTPUT/part-I-of-N.jsonl; under "
+                         "torchrun / deepspeed each rank does its own part (data_prep/join_parts.py joins them)")
     args = ap.parse_args(argv)
 
     inputs = [str(Path(p).resolve()) for p in args.input]
     scores_path = Path(args.scores_output) if args.scores_output else None
-    job = ChunkedJob(Path(args.output), inputs, settings={"threshold": args.threshold},
-                     counters={"pairs": 0, "kept_pairs": 0, "kept_lines": 0, "dropped_lines": 0, "skipped": 0,
-                               "hist": [0] * (len(BINS) - 1)}, extra=[scores_path])
+    part = part_of_run(args.part)
+    job = open_part_job(Path(args.output), inputs, {"threshold": args.threshold},
+                        {"pairs": 0, "kept_pairs": 0, "kept_lines": 0, "dropped_lines": 0, "skipped": 0,
+                         "hist": [0] * (len(BINS) - 1)}, args.chunk_size, part, extra=[scores_path])
     state = job.state
     if job.resumed:
         print(f"resuming after {state['lines_done']} input lines ({state['chunks']} chunks)")
 
-    devices = all_gpus() if args.devices == "auto" else args.devices.split(",")
+    devices = part_devices(args.devices, part, args.part)
     scorer = Scorer(args.model, devices, args.batch_size, args.query_prompt, args.passage_prompt)
     skipped: list[str] = []
     t0, pairs_this_run = time.time(), 0

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.chunked import ChunkedJob
-from data_prep.filter_pairs import Scorer, all_gpus
+from data_prep.chunked import open_part_job, part_of_run
+from data_prep.filter_pairs import Scorer, part_devices
 from train.input.records import json_object, text_field, text_list
 
 FIELDS = (("pos", "pos_scores"), ("neg", "neg_scores"), ("neg_pool", "neg_pool_scores"))
@@ -77,14 +77,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--query-prompt", default=None, help="embedders: default the model's 'query' prompt")
     ap.add_argument("--passage-prompt", default=None, help="embedders: default the model's 'passage' prompt")
     ap.add_argument("--skip-bad", action="store_true", help="skip and count bad lines instead of stopping")
+    ap.add_argument("--part", default=None, metavar="I/N",
+                    help="do part I of N of the input (contiguous chunks) into OUTPUT/part-I-of-N.jsonl; under "
+                         "torchrun / deepspeed each rank does its own part (data_prep/join_parts.py joins them)")
     args = ap.parse_args(argv)
 
     inputs = [str(Path(p).resolve()) for p in args.input]
-    job = ChunkedJob(Path(args.output), inputs, settings={"teacher": args.model, "kind": args.kind},
-                     counters={"records": 0, "scores": 0, "skipped": 0})
+    part = part_of_run(args.part)
+    job = open_part_job(Path(args.output), inputs, {"teacher": args.model, "kind": args.kind},
+                        {"records": 0, "scores": 0, "skipped": 0}, args.chunk_size, part)
     if job.resumed:
         print(f"resuming after {job.state['lines_done']} input lines ({job.state['chunks']} chunks)")
-    devices = all_gpus() if args.devices == "auto" else args.devices.split(",")
+    devices = part_devices(args.devices, part, args.part)
     scorer = CrossEncoderScorer(args.model, devices[0] if devices else None, args.batch_size) \
         if args.kind == "cross-encoder" else Scorer(args.model, devices, args.batch_size, args.query_prompt,
                                                     args.passage_prompt)

@@ -2,6 +2,7 @@
 
     python eval/cmteb.py --model output/finetune/final                       # MTEB(cmn, v1): 31 tasks
     python eval/cmteb.py --model M --task-types STS,Retrieval --dims 256,512,1792
+    python eval/cmteb.py --model M --devices cuda:0,cuda:1,cuda:2,cuda:3      # each task's encoding on 4 GPUs
     python eval/cmteb.py --model M --local sts:../shared/data/stsb-zh/validation.jsonl \
         --local retrieval:../shared/data/cmrc2018-trial --update-card          # offline, local data
 
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt for both sides of STS, pair classification, classification and clustering "
                         "(default: the query prompt, as e5 recommends; pass '' for BGE)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--devices", default=None,
+                   help="comma-separated devices to encode each task on together, a process each (e.g. "
+                        "cuda:0,cuda:1; cpu,cpu on a CPU machine): sentence-transformers' multi-process pool")
     p.add_argument("--output-dir", default=None, help="default: MODEL/eval (or eval_results/ for a hub id)")
     p.add_argument("--update-card", action="store_true", help="write the results table into the model's README.md")
     p.add_argument("--overwrite", action="store_true",
@@ -86,8 +90,9 @@ SYMMETRIC_TYPES = ("STS", "PairClassification", "Classification", "MultilabelCla
 
 
 def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_prompt: str | None = None,
-                    revision: str = "local"):
-    """An mteb encoder that computes each (texts, prompt) embedding once and serves its first `dim` columns."""
+                    revision: str = "local", pool: dict | None = None):
+    """An mteb encoder that computes each (texts, prompt) embedding once and serves its first `dim` columns;
+    with `pool` (sentence-transformers' multi-process pool), the texts are spread over its devices."""
     from mteb.models.model_meta import ModelMeta
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
@@ -96,6 +101,8 @@ def caching_encoder(model, dim: int | None, cache: dict, name: str, symmetric_pr
             texts = [t for batch in inputs for t in batch["text"]]
             key = (task_metadata.name, str(prompt_type), hashlib.sha1(json.dumps(texts).encode()).hexdigest())
             if key not in cache:  # (texts, full-width embeddings): the texts let tests find what was scored
+                if pool is not None:  # mteb's wrapper hands its keyword arguments to model.encode
+                    kwargs["pool"] = pool
                 cache[key] = (texts, np.asarray(super().encode(inputs, task_metadata=task_metadata, hf_split=hf_split,
                                                                hf_subset=hf_subset, prompt_type=prompt_type, **kwargs)))
             full = cache[key][1]
@@ -146,7 +153,7 @@ def model_revision(path: Path, settings: object = None) -> str:
 def evaluate(model, tasks: list, dims: list[int | None], batch_size: int, name: str, out: Path,
              symmetric_prompt: str | None = None,
              on_task_end: Callable[[str, dict], None] | None = None,
-             revision: str = "local", resume: bool = False) -> dict[int | None, dict[str, float]]:
+             revision: str = "local", resume: bool = False, pool: dict | None = None) -> dict[int | None, dict[str, float]]:
     """mteb scores {dim: {task: main score}}, task by task, kept in mteb's result cache at `out`.
 
     Each task's texts are encoded once at full width and every dimension is scored from those
@@ -162,7 +169,7 @@ def evaluate(model, tasks: list, dims: list[int | None], batch_size: int, name: 
     for task in tasks:
         cache: dict = {}
         for dim in dims:
-            encoder = caching_encoder(model, dim, cache, name, symmetric_prompt, revision)
+            encoder = caching_encoder(model, dim, cache, name, symmetric_prompt, revision, pool)
             result = mteb.evaluate(encoder, [task], cache=results, overwrite_strategy="only-missing" if resume else "always",
                                    encode_kwargs={"batch_size": batch_size}, show_progress_bar=False)
             for task_result in result.task_results:
@@ -211,7 +218,10 @@ def main(argv=None) -> dict:
         tasks = select_tasks(args)
     except LocalDataError as e:
         raise SystemExit(f"data error: {e}") from None
-    model = SentenceTransformer(source, device=None, local_files_only=local_only)
+    devices = [d for d in (args.devices or "").split(",") if d]
+    # with a pool of device processes the parent's copy stays on the CPU (sentence-transformers moves it there)
+    model = SentenceTransformer(source, device="cpu" if len(devices) > 1 else devices[0] if devices else None,
+                                local_files_only=local_only)
     if args.query_prompt is not None:
         model.prompts["query"] = args.query_prompt
     if args.passage_prompt is not None:
@@ -222,9 +232,14 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--dims {args.dims}: each must be between 1 and the model's width {width}")
 
     out = Path(args.output_dir) if args.output_dir else (model_path / "eval" if model_path.exists() else Path("eval_results"))
-    scores = evaluate(model, tasks, dims, args.batch_size, model_path.name, out, args.symmetric_prompt,
-                      revision=model_revision(model_path, [model.prompts, args.symmetric_prompt, args.model]),
-                      resume=not args.overwrite)
+    pool = model.start_multi_process_pool(devices) if len(devices) > 1 else None
+    try:
+        scores = evaluate(model, tasks, dims, args.batch_size, model_path.name, out, args.symmetric_prompt,
+                          revision=model_revision(model_path, [model.prompts, args.symmetric_prompt, args.model]),
+                          resume=not args.overwrite, pool=pool)
+    finally:
+        if pool is not None:
+            model.stop_multi_process_pool(pool)
     table = results_table(scores, {t.metadata.name: t.metadata.type for t in tasks})
     (out / "results.md").write_text(table + "\n")
     print(table)

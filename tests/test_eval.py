@@ -217,3 +217,23 @@ def test_documents_get_the_passage_prompt_when_the_model_names_no_document_one(b
     texts, embeddings = next((t, e) for t, e in cache.values() if set(t) == set(docs.values()))
     assert np.allclose(embeddings, model.encode(texts, prompt="passage: "), atol=1e-5)
     assert not np.allclose(embeddings, model.encode(texts), atol=1e-3)
+
+
+def test_two_device_processes_score_exactly_as_one(tiny_model, sts_file, beir_folder, tmp_path, monkeypatch):
+    """--devices spreads each task's encoding over a process per device (sentence-transformers' pool; two CPU
+    processes here): the same embeddings, so the same scores, and every text went through the pool."""
+    from sentence_transformers.base.model import BaseModel
+    folder, _ = beir_folder
+    local = ["--local", f"sts:{sts_file}", "--local", f"retrieval:{folder}", "--dims", "8,32"]
+    alone = cmteb.main(["--model", str(tiny_model), *local, "--output-dir", str(tmp_path / "one")])
+    pooled, real = [], BaseModel._multi_process
+
+    def counting(self, inputs, *args, **kwargs):
+        pooled.append(len(inputs))
+        return real(self, inputs, *args, **kwargs)
+    monkeypatch.setattr(BaseModel, "_multi_process", counting)
+    together = cmteb.main(["--model", str(tiny_model), *local, "--devices", "cpu,cpu", "--output-dir", str(tmp_path / "two")])
+    assert together.keys() == alone.keys() == {8, 32}
+    for dim in alone:
+        assert together[dim] == pytest.approx(alone[dim], abs=1e-6)
+    assert sorted(pooled) == [2, 4, 200, 200]  # both sides of the 200 STS pairs, the queries, the documents

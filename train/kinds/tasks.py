@@ -121,7 +121,13 @@ def load_data_config(path: str | Path) -> DataConfig:
         files = [files] if isinstance(files, str) else files
         if not files or not all(isinstance(f, str) for f in files):
             raise ConfigError(f"{where}: 'files' must list at least one file")
-        resolved = [(path.parent / f).resolve() for f in files]
+        resolved = []
+        for f in files:  # a folder stands for its *.jsonl files, in name order (a split data_prep job's parts)
+            f = (path.parent / f).resolve()
+            found = sorted(f.glob("*.jsonl")) if f.is_dir() else [f]
+            if not found:
+                raise ConfigError(f"{where}: {f}: a folder without .jsonl files")
+            resolved += found
         for f in resolved:
             if not f.is_file():
                 raise ConfigError(f"{where}: {f}: no such file")
