@@ -71,7 +71,7 @@ def test_a_run_killed_while_encoding_and_again_while_writing_ends_as_the_uninter
     assert "wrote" in first.stdout and json.loads(out.with_name("mined.jsonl.report.json").read_text())["queries"] == 120
 
 
-@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+@pytest.mark.parametrize("index", ["ivf"])  # hnsw takes the same path (build_index, search); CI time
 def test_approximate_indexes_report_their_recall_against_exact_search(tiny_model, data, uninterrupted, tmp_path, index):
     whole, _ = uninterrupted
     out = tmp_path / "mined.jsonl"
